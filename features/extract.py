@@ -1,0 +1,153 @@
+"""The extraction loop: decode images in parallel, encode them in batches, flush to the store.
+
+Resumable (ids already in the store are skipped) and interrupt-safe (the store is replaced
+atomically after each chunk, so a kill loses at most the chunk in progress).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from features.encoders import build_encoder, get_encoder_spec
+from features.images import ImageDecodeError, load_image
+from features.store import FeatureStore, FeatureStoreError, merge_spatial, spatial_path, write_spatial_shard
+
+
+@dataclass
+class ExtractionReport:
+    """What an extraction run did."""
+
+    store_path: Path
+    extracted: int = 0
+    already_present: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # image id -> reason
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds else 0.0
+
+
+def _decode(path: Path, size: int) -> np.ndarray | ImageDecodeError:
+    try:
+        return load_image(path, size)
+    except ImageDecodeError as error:
+        return error
+
+
+def decoded_batches(
+    items: list[tuple[str, Path]], size: int, batch_size: int, workers: int, prefetch: int = 2
+) -> Iterator[list[tuple[str, np.ndarray | ImageDecodeError]]]:
+    """Yield batches of (id, pixels or error), decoding up to `prefetch` batches ahead in threads."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        chunks = (items[i : i + batch_size] for i in range(0, len(items), batch_size))
+        pending: deque[list[tuple[str, Future]]] = deque()
+
+        def submit_next() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending.append([(image_id, pool.submit(_decode, path, size)) for image_id, path in chunk])
+
+        for _ in range(prefetch + 1):
+            submit_next()
+        while pending:
+            batch = pending.popleft()
+            submit_next()
+            yield [(image_id, future.result()) for image_id, future in batch]
+
+
+def _weights_label(weights: str | Path | None) -> str:
+    return "none" if weights in (None, "none") else str(weights)
+
+
+def extract_features(
+    sources: dict[str, Path],
+    out: str | Path,
+    encoder: str = "efficientnet_lite0",
+    weights: str | Path | None = "imagenet",
+    batch_size: int = 32,
+    spatial: bool = False,
+    flush_every: int = 512,
+    workers: int | None = None,
+    progress: bool = True,
+) -> ExtractionReport:
+    """Encode every image in `sources` ({image_id: path}) not yet in the store at `out`."""
+    out = Path(out)
+    spec = get_encoder_spec(encoder)
+    metadata = {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial}
+    if out.exists():
+        store = FeatureStore.load(out)
+        for key in ("encoder", "weights", "dim", "spatial"):
+            if store.metadata.get(key) != metadata[key]:
+                raise FeatureStoreError(
+                    f"{out}: existing store has {key}={store.metadata.get(key)!r}, this run {metadata[key]!r}; "
+                    "choose another --out to keep both"
+                )
+    else:
+        store = FeatureStore(metadata)
+    report = ExtractionReport(out)
+    todo = [(image_id, Path(path)) for image_id, path in sorted(sources.items()) if image_id not in store.features]
+    report.already_present = len(sources) - len(todo)
+    shard_folder = out.with_name(out.stem + ".spatial.parts")
+    if not todo:
+        return report
+
+    model = build_encoder(encoder, weights, spatial=spatial)
+    pending_ids: list[str] = []
+    pending_maps: list[np.ndarray] = []
+
+    def flush() -> None:
+        if not pending_ids:
+            return
+        if spatial:
+            write_spatial_shard(shard_folder / f"part-{time.time_ns()}.h5", pending_ids, np.concatenate(pending_maps))
+        store.save(out)
+        pending_ids.clear()
+        pending_maps.clear()
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {encoder}", disable=not progress)
+    try:
+        for batch in decoded_batches(todo, spec.input_size, batch_size, workers or os.cpu_count() or 2):
+            good = [(image_id, pixels) for image_id, pixels in batch if isinstance(pixels, np.ndarray)]
+            report.failed.update({i: str(e) for i, e in batch if isinstance(e, ImageDecodeError)})
+            if good:
+                images = spec.preprocess(np.stack([pixels for _, pixels in good]))
+                # Pad short batches to the full size so the compiled predict function is traced once.
+                padded = np.zeros((batch_size, *images.shape[1:]), dtype=np.float32)
+                padded[: len(images)] = images
+                outputs = model.predict_on_batch(padded)
+                pooled = np.asarray(outputs[0] if spatial else outputs, dtype=np.float32)[: len(good)]
+                for (image_id, _), vector in zip(good, pooled):
+                    store.features[image_id] = vector
+                    pending_ids.append(image_id)
+                if spatial:
+                    pending_maps.append(np.asarray(outputs[1], dtype=np.float16)[: len(good)])
+                report.extracted += len(good)
+            bar.update(len(batch))
+            if len(pending_ids) >= flush_every:
+                flush()
+    except KeyboardInterrupt:
+        flush()  # keep the finished work; the caller reports the interruption
+        raise
+    finally:
+        bar.close()
+    flush()
+    report.seconds = time.perf_counter() - started
+    if spatial and shard_folder.is_dir():
+        target = spatial_path(out)
+        shards = sorted(shard_folder.glob("part-*.h5"))
+        merge_spatial(target, ([target] if target.is_file() else []) + shards, set(store.features))
+        for shard in shards:
+            shard.unlink()
+        shard_folder.rmdir()
+    return report

@@ -1,0 +1,199 @@
+"""The feature store: a pickle of {image_id: float32 vector} plus metadata, loaded safely.
+
+Spatial maps (for attention decoders) live in an HDF5 file beside the store, float16, with
+datasets `ids` (N,) and `maps` (N, H, W, C).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_NAME = "captioning-feature-store"
+FORMAT_VERSION = 1
+DEFAULT_STORE = Path("features") / "store" / "flickr8k_efficientnet_lite0.pkl"
+
+
+class FeatureStoreError(ValueError):
+    """A feature store that is missing, malformed, unsafe or made by another encoder."""
+
+
+# The only globals a feature-store pickle may name: what numpy needs to rebuild arrays.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise FeatureStoreError(
+            f"refusing to load {module}.{name}: a feature store may hold only dicts, strings, numbers "
+            "and numpy arrays"
+        )
+
+
+def safe_loads(data: bytes) -> object:
+    """Unpickle `data`, allowing nothing but builtin containers, numbers, strings and numpy arrays."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except FeatureStoreError:
+        raise
+    except Exception as error:  # a corrupt pickle can raise almost anything
+        raise FeatureStoreError(f"unreadable pickle ({type(error).__name__}: {error})") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@dataclass
+class FeatureStore:
+    """Pooled image vectors by image id, and what made them."""
+
+    metadata: dict
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.metadata["dim"])
+
+    @property
+    def encoder(self) -> str:
+        return str(self.metadata["encoder"])
+
+    def matrix(self, ids: list[str]) -> np.ndarray:
+        """Return the vectors of `ids` stacked as a float32 (len(ids), dim) array."""
+        return np.stack([self.features[i] for i in ids]).astype(np.float32, copy=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the store atomically."""
+        payload = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "metadata": dict(self.metadata),
+            "features": self.features,
+        }
+        atomic_write_bytes(Path(path), pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureStore":
+        """Read a store through the restricted unpickler and check its structure."""
+        path = Path(path)
+        if not path.is_file():
+            raise FeatureStoreError(f"{path}: no feature store there (run extract_features.py first)")
+        try:
+            payload = safe_loads(path.read_bytes())
+        except FeatureStoreError as error:
+            raise FeatureStoreError(f"{path}: {error}") from None
+        if not (isinstance(payload, dict) and payload.get("format") == FORMAT_NAME):
+            raise FeatureStoreError(f"{path}: not a feature store written by extract_features.py")
+        if payload.get("version") != FORMAT_VERSION:
+            raise FeatureStoreError(f"{path}: feature store version {payload.get('version')}, expected {FORMAT_VERSION}")
+        metadata, features = payload.get("metadata"), payload.get("features")
+        if not isinstance(metadata, dict) or not isinstance(features, dict) or "dim" not in metadata:
+            raise FeatureStoreError(f"{path}: malformed feature store (metadata or features missing)")
+        dim = int(metadata["dim"])
+        for image_id, vector in features.items():
+            if not (isinstance(image_id, str) and isinstance(vector, np.ndarray) and vector.shape == (dim,)):
+                raise FeatureStoreError(f"{path}: entry {image_id!r:.60} is not a {dim}-d vector")
+        return cls(metadata, features)
+
+
+def spatial_path(store_path: str | Path) -> Path:
+    """Return the HDF5 file that holds the spatial maps belonging to a store."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.stem + ".spatial.h5")
+
+
+def write_spatial_shard(path: Path, ids: list[str], maps: np.ndarray) -> None:
+    """Write one chunk of spatial maps to its own HDF5 file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(temporary, "w") as handle:
+            handle.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
+            handle.create_dataset("maps", data=maps.astype(np.float16))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def merge_spatial(target: Path, sources: list[Path], keep_ids: set[str]) -> None:
+    """Combine HDF5 map files into `target` (atomically), keeping the first copy of each id in keep_ids."""
+    seen: dict[str, tuple[Path, int]] = {}
+    shape = None
+    for source in sources:
+        with h5py.File(source, "r") as handle:
+            shape = handle["maps"].shape[1:]
+            for row, image_id in enumerate(handle["ids"].asstr()[:]):
+                if image_id in keep_ids and image_id not in seen:
+                    seen[image_id] = (source, row)
+    if shape is None:
+        return
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(temporary, "w") as out:
+            ids = list(seen)
+            out.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
+            maps = out.create_dataset("maps", shape=(len(ids), *shape), dtype=np.float16)
+            by_source: dict[Path, list[tuple[int, int]]] = {}
+            for index, image_id in enumerate(ids):
+                source, row = seen[image_id]
+                by_source.setdefault(source, []).append((row, index))
+            for source, pairs in by_source.items():
+                with h5py.File(source, "r") as handle:
+                    rows = handle["maps"][:]
+                    for row, index in pairs:
+                        maps[index] = rows[row]
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class SpatialMaps:
+    """Read access to a spatial-map HDF5 file by image id."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatureStoreError(f"{self.path}: no spatial maps (run extract_features.py --spatial)")
+        self._file = h5py.File(self.path, "r")
+        self._maps = self._file["maps"]
+        self.index = {image_id: row for row, image_id in enumerate(self._file["ids"].asstr()[:])}
+        self.shape = tuple(self._maps.shape[1:])
+
+    def get(self, ids: list[str]) -> np.ndarray:
+        """Return the maps of `ids` as float32 (len(ids), H, W, C)."""
+        rows = np.array([self.index[i] for i in ids])
+        order = np.argsort(rows)
+        unique_rows, inverse = np.unique(rows[order], return_inverse=True)
+        block = self._maps[unique_rows]  # h5py needs increasing indices
+        out = np.empty((len(ids), *self.shape), dtype=np.float32)
+        out[order] = block[inverse]
+        return out
+
+    def close(self) -> None:
+        self._file.close()

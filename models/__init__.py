@@ -1,0 +1,1 @@
+"""Keras models and what runs them: caption decoders, classifier heads, decoding, run directories."""

@@ -1,0 +1,131 @@
+"""Caption decoding: greedy and batched beam search over a step function that carries the RNN state.
+
+A *stepper* turns image features into an initial decoder state once, then advances all images x
+beams by one token per call. Nothing here re-reads the growing prefix: each step costs one RNN
+step, batched over every image and beam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class MergeStepper:
+    """One-token steps of a trained merge model, sharing its layers (and so its weights)."""
+
+    def __init__(self, model: keras.Model):
+        self.image_dense = model.get_layer("image_dense")
+        self.embedding = model.get_layer("embedding")
+        self.cell = model.get_layer("rnn").cell
+        self.hidden = model.get_layer("hidden")
+        self.next_word = model.get_layer("next_word")
+        self.is_lstm = isinstance(model.get_layer("rnn"), keras.layers.LSTM)
+        self._start = tf.function(self._start_impl, reduce_retracing=True)
+        self._step = tf.function(self._step_impl, reduce_retracing=True)
+
+    def _start_impl(self, features):
+        context = self.image_dense(features)
+        zeros = tf.zeros((tf.shape(features)[0], self.cell.units))
+        return [context, zeros, zeros] if self.is_lstm else [context, zeros]
+
+    def _step_impl(self, tokens, state):
+        context, recurrent = state[0], list(state[1:])
+        output, recurrent = self.cell(self.embedding(tokens), recurrent, training=False)
+        hidden = self.hidden(context + output)
+        logits = tf.matmul(hidden, self.next_word.kernel) + self.next_word.bias
+        return tf.nn.log_softmax(logits), [context, *recurrent]
+
+    def start(self, features: np.ndarray) -> list:
+        """Return the initial decoder state for a batch of image features."""
+        return self._start(tf.convert_to_tensor(features, tf.float32))
+
+    def step(self, tokens: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        """Return (log-probabilities of the next word (B, V), the new state) after feeding `tokens`."""
+        log_probs, state = self._step(tf.convert_to_tensor(tokens, tf.int32), state)
+        return log_probs.numpy(), state
+
+
+def reorder_state(state: list, indices: np.ndarray) -> list:
+    """Return the state with its rows (images x beams) picked by `indices`."""
+    return [tf.gather(part, indices) for part in state]
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, ending with <end> when finished
+    log_prob: float
+    score: float  # log_prob after length normalisation, used for ranking
+
+
+def greedy_decode(stepper, features: np.ndarray, max_length: int, start_id: int = 2, end_id: int = 3,
+                  banned_ids: tuple[int, ...] = (0, 1, 2)) -> list[list[int]]:
+    """Return the most probable next word at every step, for each image (ids, ending with <end>)."""
+    batch = len(features)
+    state = stepper.start(features)
+    tokens = np.full(batch, start_id, dtype=np.int32)
+    sequences = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    for _ in range(max_length - 1):
+        log_probs, state = stepper.step(tokens, state)
+        log_probs[:, list(banned_ids)] = -np.inf
+        tokens = log_probs.argmax(axis=1).astype(np.int32)
+        for i in np.flatnonzero(~done):
+            sequences[i].append(int(tokens[i]))
+        done |= tokens == end_id
+        if done.all():
+            break
+    return sequences
+
+
+def beam_search(stepper, features: np.ndarray, beam_size: int = 3, max_length: int = 40,
+                length_penalty: float = 0.0, start_id: int = 2, end_id: int = 3, pad_id: int = 0,
+                banned_ids: tuple[int, ...] = (0, 1, 2)) -> list[list[Hypothesis]]:
+    """Return each image's `beam_size` best captions, best first, decoded together in one batch.
+
+    Scores are summed log-probabilities divided by length ** `length_penalty` (0 = none).
+    `<pad>`, `<unk>` and `<start>` are never generated.
+    """
+    batch, k = len(features), beam_size
+    state = stepper.start(np.repeat(np.asarray(features, dtype=np.float32), k, axis=0))
+    tokens = np.full(batch * k, start_id, dtype=np.int32)
+    scores = np.full((batch, k), -np.inf)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    sequences = np.zeros((batch, k, 0), dtype=np.int64)
+    finished = np.zeros((batch, k), dtype=bool)
+    lengths = np.zeros((batch, k))
+    offsets = (np.arange(batch) * k)[:, None]
+    for _ in range(max_length - 1):
+        log_probs, state = stepper.step(tokens, state)
+        vocab = log_probs.shape[1]
+        log_probs = log_probs.reshape(batch, k, vocab).astype(np.float64)
+        log_probs[..., list(banned_ids)] = -np.inf
+        # A finished beam continues only with <pad>, at no cost, so it keeps its score and slot.
+        log_probs[finished] = -np.inf
+        log_probs[finished, pad_id] = 0.0
+        total = (scores[..., None] + log_probs).reshape(batch, k * vocab)
+        top = np.argpartition(-total, k - 1, axis=1)[:, :k] if k < total.shape[1] else np.tile(np.arange(k), (batch, 1))
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(total, top, axis=1), axis=1), axis=1)
+        beam, word = top // vocab, top % vocab
+        scores = np.take_along_axis(total, top, axis=1)
+        lengths = np.take_along_axis(lengths + ~finished, beam, axis=1)
+        finished = np.take_along_axis(finished, beam, axis=1) | (word == end_id)
+        sequences = np.concatenate([np.take_along_axis(sequences, beam[..., None], axis=1), word[..., None]], axis=2)
+        state = reorder_state(state, (beam + offsets).reshape(-1))
+        tokens = word.reshape(-1).astype(np.int32)
+        if finished.all():
+            break
+    results = []
+    for i in range(batch):
+        hypotheses = []
+        for j in range(k):
+            if not np.isfinite(scores[i, j]):
+                continue
+            ids = [int(t) for t in sequences[i, j] if t != pad_id]
+            norm = max(lengths[i, j], 1.0) ** length_penalty
+            hypotheses.append(Hypothesis(ids, float(scores[i, j]), float(scores[i, j] / norm)))
+        results.append(sorted(hypotheses, key=lambda h: -h.score))
+    return results

@@ -1,0 +1,1 @@
+"""Everything about text and batches: caption readers, cleaning, the vocabulary, splits, batches."""

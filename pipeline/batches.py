@@ -1,0 +1,91 @@
+"""The batch generator: image features and whole right-padded captions, for teacher forcing.
+
+One sample per caption (not per caption prefix): the decoder reads `<start> w1 .. wn` and is
+trained on every next word `w1 .. wn <end>` at once, with padding weighted out of the loss. This is
+the classic merge-model objective, linear instead of quadratic in caption length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+LENGTH_BUCKET = 8  # pad each batch to a multiple of this, so only a few shapes get compiled
+
+
+def encode_captions(
+    image_ids: list[str], captions: dict[str, list[list[str]]], vocabulary, max_caption_length: int
+) -> tuple[np.ndarray, list[list[int]]]:
+    """Return (image row of each caption, token ids of each caption truncated to max_caption_length)."""
+    rows, sequences = [], []
+    for row, image_id in enumerate(image_ids):
+        for words in captions[image_id]:
+            ids = vocabulary.encode(words)
+            if len(ids) > max_caption_length:
+                ids = ids[: max_caption_length - 1] + [vocabulary.end_id]
+            rows.append(row)
+            sequences.append(ids)
+    return np.array(rows, dtype=np.int64), sequences
+
+
+def pad_batch(sequences: list[list[int]], max_caption_length: int) -> np.ndarray:
+    """Return the sequences right-padded with 0 to the bucketed batch length (int32)."""
+    longest = max(len(s) for s in sequences)
+    width = min(max_caption_length, math.ceil(longest / LENGTH_BUCKET) * LENGTH_BUCKET)
+    out = np.zeros((len(sequences), width), dtype=np.int32)
+    for i, sequence in enumerate(sequences):
+        out[i, : len(sequence)] = sequence
+    return out
+
+
+class CaptionSequence(keras.utils.PyDataset):
+    """Batches of ({"image": features, "words": inputs}, next words, weights) for `model.fit`.
+
+    `inputs` is each caption without its last token, `next words` the caption shifted by one; the
+    weights are 1 on real words and 0 on padding. Reshuffles caption order every epoch.
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        image_rows: np.ndarray,
+        sequences: list[list[int]],
+        max_caption_length: int,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        extra_inputs: dict[str, object] | None = None,
+    ):
+        super().__init__()
+        self.features = features
+        self.image_rows = image_rows
+        self.sequences = sequences
+        self.max_caption_length = max_caption_length
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        # name -> callable(image rows) -> array, e.g. spatial maps for attention decoders
+        self.extra_inputs = extra_inputs or {}
+        self.order = np.arange(len(sequences))
+        if shuffle:
+            self.rng.shuffle(self.order)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sequences) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        tokens = pad_batch([self.sequences[i] for i in chosen], self.max_caption_length)
+        rows = self.image_rows[chosen]
+        inputs = {"image": self.features[rows], "words": tokens[:, :-1]}
+        for name, lookup in self.extra_inputs.items():
+            inputs[name] = lookup(rows)
+        targets = tokens[:, 1:]
+        weights = (targets != 0).astype(np.float32)
+        return inputs, targets, weights
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.rng.shuffle(self.order)
