@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,7 +162,7 @@ def train_caption_model(
     options: TrainingOptions,
     model_options: dict | None = None,
     resume: bool = False,
-    verbose: int = 1,
+    verbose: int | None = None,
 ) -> TrainingResult:
     """Train (or resume) a caption model and write its run directory."""
     run_dir = Path(run_dir)
@@ -220,6 +221,8 @@ def train_caption_model(
         keras.callbacks.CSVLogger(run_dir / HISTORY_FILE, append=resume),
         EpochCheckpoint(run_dir),
     ]
+    if verbose is None:  # a live progress bar on a terminal, one line per epoch in a log
+        verbose = 1 if sys.stdout.isatty() else 2
     device = describe_device()
     if verbose:
         print(f"training on {device}: {len(train.sequences)} train captions, "

@@ -1,0 +1,57 @@
+"""Caption photos with a trained run (default: the model shipped in pretrained/).
+
+    python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cli import clean_errors
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from models.rundir import DEFAULT_RUN
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", type=Path, help="image files to caption")
+    parser.add_argument("--model", type=Path, default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN.name})")
+    parser.add_argument("--beam", type=int, default=3, help="beam width; 1 = greedy (default 3)")
+    parser.add_argument("--max-length", type=int, help="longest caption in tokens (default: the run's)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by logP / length**this")
+    parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    args = parser.parse_args(argv)
+    if args.beam < 1:
+        parser.error("--beam must be at least 1")
+    if args.max_length is not None and args.max_length < 2:
+        parser.error("--max-length must be at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from features.encoders import EncoderError
+    from models.captioner import Captioner
+    from models.rundir import RunDirError, load_run
+
+    with clean_errors(RunDirError, EncoderError):
+        captioner = Captioner(load_run(args.model), args.encoder_weights)
+        captions, errors = captioner.caption_files(args.images, args.beam, args.max_length, args.length_penalty)
+    for path, reason in errors.items():
+        print(f"error: {reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "beam": args.beam,
+                          "results": [c.to_dict() for c in captions],
+                          "errors": [{"image": p, "error": r} for p, r in errors.items()]}, indent=2))
+    else:
+        for caption in captions:
+            print(f"{caption.image}: {caption.caption}" if len(args.images) > 1 else caption.caption)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Train a caption model on a feature store and Flickr8k-style captions.
+
+    python train.py --epochs 20
+    python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out runs/merge --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cli import clean_errors
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
+DEFAULT_FEATURES = Path("features") / "store" / "flickr8k_efficientnet_lite0.pkl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES, help="feature store from extract_features.py")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder with captions and splits")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "merge", help="run directory to write")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--min-count", type=int, default=5, help="keep words seen at least this often in train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--decoder", default="merge", help="decoder architecture (merge)")
+    parser.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
+    parser.add_argument("--units", type=int, default=256)
+    parser.add_argument("--embedding-dim", type=int, default=256)
+    parser.add_argument("--dropout", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.dropout < 1:
+        parser.error("--dropout must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from features.store import FeatureStoreError
+    from models.rundir import RunDirError
+    from models.training import TrainingError, TrainingOptions, train_caption_model
+    from pipeline.captions import CaptionFileError
+    from pipeline.vocabulary import VocabularyError
+
+    options = TrainingOptions(args.epochs, args.batch_size, args.lr, args.min_count, args.seed, args.patience)
+    model_options = {"decoder": args.decoder, "cell": args.cell, "units": args.units,
+                     "embedding_dim": args.embedding_dim, "dropout": args.dropout}
+    with clean_errors(TrainingError, FeatureStoreError, CaptionFileError, RunDirError, VocabularyError):
+        result = train_caption_model(args.features, args.data, args.out, options, model_options, args.resume)
+    print(f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
+          f"best dev loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
