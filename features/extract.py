@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -37,15 +37,29 @@ class ExtractionReport:
         return self.extracted / self.seconds if self.seconds else 0.0
 
 
-def _decode(path: Path, size: int) -> np.ndarray | ImageDecodeError:
+Augment = Callable[[str, np.ndarray], np.ndarray]  # (image id, pixels) -> pixels
+
+
+def _decode(
+    path: Path,
+    size: int,
+    image_id: str = "",
+    augment: Augment | None = None,
+) -> np.ndarray | ImageDecodeError:
     try:
-        return load_image(path, size)
+        pixels = load_image(path, size)
     except ImageDecodeError as error:
         return error
+    return augment(image_id, pixels) if augment is not None else pixels
 
 
 def decoded_batches(
-    items: list[tuple[str, Path]], size: int, batch_size: int, workers: int, prefetch: int = 2
+    items: list[tuple[str, Path]],
+    size: int,
+    batch_size: int,
+    workers: int,
+    prefetch: int = 2,
+    augment: Augment | None = None,
 ) -> Iterator[list[tuple[str, np.ndarray | ImageDecodeError]]]:
     """Yield batches of (id, pixels or error), decoding up to `prefetch` batches ahead in threads."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -55,7 +69,9 @@ def decoded_batches(
         def submit_next() -> None:
             chunk = next(chunks, None)
             if chunk is not None:
-                pending.append([(image_id, pool.submit(_decode, path, size)) for image_id, path in chunk])
+                pending.append(
+                    [(image_id, pool.submit(_decode, path, size, image_id, augment)) for image_id, path in chunk]
+                )
 
         for _ in range(prefetch + 1):
             submit_next()
@@ -79,8 +95,13 @@ def extract_features(
     flush_every: int = 512,
     workers: int | None = None,
     progress: bool = True,
+    augment: Augment | None = None,
 ) -> ExtractionReport:
-    """Encode every image in `sources` ({image_id: path}) not yet in the store at `out`."""
+    """Encode every image in `sources` ({image_id: path}) not yet in the store at `out`.
+
+    `augment(image_id, pixels)`, if given, transforms each decoded image before encoding (training-time
+    variants named in the id, see `features.augment`).
+    """
     out = Path(out)
     spec = get_encoder_spec(encoder)
     metadata = {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial}
@@ -117,7 +138,9 @@ def extract_features(
     started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {encoder}", disable=not progress)
     try:
-        for batch in decoded_batches(todo, spec.input_size, batch_size, workers or os.cpu_count() or 2):
+        for batch in decoded_batches(
+            todo, spec.input_size, batch_size, workers or os.cpu_count() or 2, augment=augment
+        ):
             good = [(image_id, pixels) for image_id, pixels in batch if isinstance(pixels, np.ndarray)]
             report.failed.update({i: str(e) for i, e in batch if isinstance(e, ImageDecodeError)})
             if good:

@@ -34,7 +34,9 @@ class MergeStepper:
 
     def _step_impl(self, tokens, state):
         context, recurrent = state[0], list(state[1:])
-        output, recurrent = self.cell(self.embedding(tokens), recurrent, training=False)
+        # Look the vectors up directly: calling the Embedding layer would attach a mask the cell ignores.
+        words = tf.gather(self.embedding.embeddings, tokens)
+        output, recurrent = self.cell(words, recurrent, training=False)
         hidden = self.hidden(context + output)
         logits = tf.matmul(hidden, self.next_word.kernel) + self.next_word.bias
         return tf.nn.log_softmax(logits), [context, *recurrent]

@@ -1,0 +1,292 @@
+"""Image-classifier heads on encoder features, their run directory, and classifying photos.
+
+    dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, softmax)
+    gru:   spatial map (H, W, C) -> Reshape (H*W regions, C) -> Dropout -> GRU(rnn_units) -> Dense(classes, softmax)
+
+    RUN_DIR/model.keras    best head (no optimizer state)
+    RUN_DIR/classes.json   class names in output order
+    RUN_DIR/config.json    task, encoder, weights, head, feature shape, classes, split seed, training options
+    RUN_DIR/split.json     the train and validation image ids
+    RUN_DIR/history.csv    per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from features.encoders import EncoderSpec, build_encoder, get_encoder_spec
+from features.extract import ExtractionReport, extract_features
+from features.images import ImageDecodeError, load_image
+from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
+from models.rundir import CONFIG_FILE, MODEL_FILE, RunDirError, read_run_config
+
+TASK = "image-classifier"
+CLASSES_FILE, SPLIT_FILE = "classes.json", "split.json"
+ENCODE_BATCH = 32
+PREDICT_CHUNK = 512  # rows widened to float32 at a time when predicting from float16 maps
+
+
+class ClassifierError(ValueError):
+    """A classifier that cannot be built, trained or run with the data or run directory given."""
+
+
+@dataclass
+class ClassifierConfig:
+    num_classes: int
+    feature_dim: int  # pooled vector size, from the encoder
+    spatial_shape: tuple[int, int, int]  # (H, W, C) of the spatial map, from the encoder
+    head: str = "dense"  # dense | gru
+    units: int = 256  # dense head: hidden layer width
+    rnn_units: int = 128  # gru head: GRU state size
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClassifierConfig:
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.spatial_shape = tuple(config.spatial_shape)
+        return config
+
+    @property
+    def needs_spatial(self) -> bool:
+        return self.head == "gru"
+
+
+def build_dense_head(config: ClassifierConfig) -> keras.Model:
+    """Return the dense head: pooled vectors (B, D) -> class probabilities (B, classes)."""
+    features = keras.Input((config.feature_dim,), name="features")
+    hidden = layers.Dropout(config.dropout, name="dropout")(features)
+    hidden = layers.Dense(config.units, activation="relu", name="hidden")(hidden)
+    outputs = layers.Dense(config.num_classes, activation="softmax", name="classes")(hidden)
+    return keras.Model(features, outputs, name="dense_classifier")
+
+
+def build_gru_head(config: ClassifierConfig) -> keras.Model:
+    """Return the GRU head: spatial maps (B, H, W, C) read as H*W regions -> class probabilities."""
+    height, width, channels = config.spatial_shape
+    maps = keras.Input((height, width, channels), name="features")
+    regions = layers.Reshape((height * width, channels), name="regions")(maps)
+    regions = layers.Dropout(config.dropout, name="dropout")(regions)
+    state = layers.GRU(config.rnn_units, name="gru")(regions)
+    outputs = layers.Dense(config.num_classes, activation="softmax", name="classes")(state)
+    return keras.Model(maps, outputs, name="gru_classifier")
+
+
+HEADS = {"dense": build_dense_head, "gru": build_gru_head}
+
+
+def build_classifier(config: ClassifierConfig) -> keras.Model:
+    """Return the head named by `config.head`."""
+    if config.head not in HEADS:
+        raise ClassifierError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
+    if config.num_classes < 2:
+        raise ClassifierError(f"a classifier needs at least 2 classes, got {config.num_classes}")
+    return HEADS[config.head](config)
+
+
+def compile_classifier(model: keras.Model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+# ---- features: extracted once through the feature store, read per head ----
+
+
+def ensure_features(
+    sources: dict[str, Path],
+    store_path: str | Path,
+    encoder: str,
+    weights: str | Path | None,
+    needs_spatial: bool,
+    batch_size: int = 32,
+    progress: bool = True,
+    augment=None,
+) -> tuple[FeatureStore, ExtractionReport]:
+    """Extract the images of `sources` missing from the store (resumable) and return the store.
+
+    A new store keeps the spatial maps too, so one extraction serves both heads; an existing store
+    keeps whatever it was made with.
+    """
+    store_path = Path(store_path)
+    spatial = FeatureStore.load(store_path).metadata.get("spatial", False) if store_path.exists() else True
+    if needs_spatial and not spatial:
+        raise ClassifierError(
+            f"{store_path}: this feature store has no spatial maps, which the gru head reads; "
+            "pass another --features path to extract a new one"
+        )
+    report = extract_features(
+        sources, store_path, encoder, weights, batch_size, spatial=spatial, progress=progress, augment=augment
+    )
+    return FeatureStore.load(store_path), report
+
+
+def head_inputs(store: FeatureStore, store_path: str | Path, ids: list[str], needs_spatial: bool) -> np.ndarray:
+    """Return what the head reads for `ids`: pooled vectors (float32), or spatial maps (float16)."""
+    if not needs_spatial:
+        return store.matrix(ids)
+    maps = SpatialMaps(spatial_path(store_path))
+    try:
+        missing = [i for i in ids if i not in maps.index]
+        if missing:
+            raise FeatureStoreError(f"{maps.path}: no spatial map for {len(missing)} image(s), e.g. {missing[0]!r}")
+        out = np.empty((len(ids), *maps.shape), dtype=np.float16)
+        for start in range(0, len(ids), PREDICT_CHUNK):
+            out[start : start + PREDICT_CHUNK] = maps.get(ids[start : start + PREDICT_CHUNK])
+        return out
+    finally:
+        maps.close()
+
+
+def predict_probabilities(model: keras.Model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Return class probabilities (N, classes) for head inputs, widening float16 maps chunk by chunk."""
+    if len(inputs) == 0:
+        return np.zeros((0, model.output.shape[-1]), dtype=np.float32)
+    chunks = [
+        model.predict(inputs[start : start + PREDICT_CHUNK].astype(np.float32), batch_size=batch_size, verbose=0)
+        for start in range(0, len(inputs), PREDICT_CHUNK)
+    ]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+# ---- the run directory ----
+
+
+@dataclass
+class ClassifierRun:
+    path: Path
+    model: keras.Model
+    classes: list[str]
+    config: dict  # the whole config.json
+
+    @property
+    def model_config(self) -> ClassifierConfig:
+        return ClassifierConfig.from_dict(self.config["model"])
+
+    @property
+    def encoder_spec(self) -> EncoderSpec:
+        return get_encoder_spec(self.config["encoder"])
+
+    def split(self) -> dict:
+        """Return split.json: the train and validation ids the run was trained and selected on."""
+        return _read_json(self.path / SPLIT_FILE)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path.parent}: incomplete classifier run, {path.name} missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunDirError(f"{path}: not valid JSON ({error})") from None
+
+
+def load_classifier_run(run_dir: str | Path) -> ClassifierRun:
+    """Return the run's model, classes and config, checking that they agree."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory (train one with classify.py train)")
+    config = read_run_config(run_dir)
+    if config.get("task") != TASK:
+        raise RunDirError(f"{run_dir / CONFIG_FILE}: not an image-classifier run (train one with classify.py train)")
+    classes = _read_json(run_dir / CLASSES_FILE)
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise RunDirError(f"{run_dir / CLASSES_FILE}: expected a JSON list of class names")
+    try:
+        get_encoder_spec(config["encoder"])
+        model_config = ClassifierConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as error:
+        raise RunDirError(f"{run_dir / CONFIG_FILE}: {error}") from None
+    model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise RunDirError(f"{run_dir}: incomplete run directory, {MODEL_FILE} missing")
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except Exception as error:  # Keras raises many kinds for a damaged archive
+        raise RunDirError(f"{model_path}: cannot load the model ({type(error).__name__}: {str(error)[:120]})") from None
+    if not len(classes) == model_config.num_classes == model.output.shape[-1]:
+        raise RunDirError(
+            f"{run_dir}: {CLASSES_FILE} has {len(classes)} classes, the model {model.output.shape[-1]}, "
+            f"{CONFIG_FILE} {model_config.num_classes}"
+        )
+    return ClassifierRun(run_dir, model, classes, config)
+
+
+# ---- classifying photos ----
+
+
+@dataclass
+class Classification:
+    image: str
+    label: str  # the most probable class
+    probability: float
+    probabilities: dict[str, float]  # every class, in the run's class order
+
+    def to_dict(self) -> dict:
+        return {
+            "image": self.image,
+            "class": self.label,
+            "probability": round(self.probability, 4),
+            "probabilities": {k: round(v, 4) for k, v in self.probabilities.items()},
+        }
+
+
+def encode_pixels(encoder: keras.Model, spec: EncoderSpec, pixels: np.ndarray, spatial: bool) -> np.ndarray:
+    """Return the head's input for (N, S, S, 3) pixels: pooled vectors, or spatial maps if `spatial`."""
+    out = []
+    for start in range(0, len(pixels), ENCODE_BATCH):
+        chunk = spec.preprocess(pixels[start : start + ENCODE_BATCH])
+        # A fixed batch shape: the compiled predict function is traced once.
+        padded = np.zeros((ENCODE_BATCH, *chunk.shape[1:]), dtype=np.float32)
+        padded[: len(chunk)] = chunk
+        outputs = encoder.predict_on_batch(padded)
+        out.append(np.asarray(outputs[1] if spatial else outputs, dtype=np.float32)[: len(chunk)])
+    return np.concatenate(out)
+
+
+def classify_files(
+    run: str | Path | ClassifierRun, paths: list[str | Path], encoder_weights: str | Path | None = None
+) -> tuple[list[Classification], dict[str, str]]:
+    """Return (a classification of each readable image, {path: reason} for the unreadable ones).
+
+    Images are decoded with `load_image`, encoded with the run's encoder in fixed batches, and
+    classified in one `predict` call.
+    """
+    if not isinstance(run, ClassifierRun):
+        run = load_classifier_run(run)
+    spec, config = run.encoder_spec, run.model_config
+    pixels, names, errors = [], [], {}
+    for path in paths:
+        try:
+            pixels.append(load_image(path, spec.input_size))
+            names.append(str(path))
+        except ImageDecodeError as error:
+            errors[str(path)] = str(error)
+    if not pixels:
+        return [], errors
+    encoder = build_encoder(spec.name, encoder_weights or run.config.get("weights", "imagenet"), config.needs_spatial)
+    inputs = encode_pixels(encoder, spec, np.stack(pixels), config.needs_spatial)
+    probabilities = predict_probabilities(run.model, inputs)
+    results = []
+    for name, row in zip(names, probabilities, strict=True):
+        best = int(np.argmax(row))
+        results.append(
+            Classification(
+                name,
+                run.classes[best],
+                float(row[best]),
+                {c: float(p) for c, p in zip(run.classes, row, strict=True)},
+            )
+        )
+    return results, errors

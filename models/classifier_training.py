@@ -1,0 +1,180 @@
+"""Training an image-classifier head on a class-per-folder image set, into a run directory.
+
+Images -> feature store (extracted once, resumable) -> stratified train/validation split ->
+optional augmented variants of the train images in a store of their own -> fit -> run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from features.augment import augment_pixels, augmented_sources, original_id
+from features.encoders import get_encoder_spec
+from models.classifier import (
+    CLASSES_FILE, SPLIT_FILE, TASK, ClassifierConfig, ClassifierError, build_classifier, compile_classifier,
+    ensure_features, head_inputs,
+)
+from models.rundir import CURVES_FILE, HISTORY_FILE, MODEL_FILE, save_model_without_optimizer, save_run_config, write_json
+from models.training import describe_device, plot_history
+from pipeline.classes import LabelledBatches, load_class_folder, stratified_split
+
+STORE_FOLDER = Path("features") / "store"
+
+
+@dataclass
+class ClassifierTrainingOptions:
+    head: str = "dense"
+    augment: bool = False
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seed: int = 0  # weights, shuffling and the train/validation split
+    validation_fraction: float = 0.2
+    patience: int = 5
+    units: int = 256
+    rnn_units: int = 128
+    dropout: float = 0.5
+    encoder: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+
+
+@dataclass
+class ClassifierTrainingResult:
+    run_dir: Path
+    epochs_run: int
+    best_val_loss: float
+    val_accuracy: float  # of the saved (best) model on the validation split
+    seconds: float  # the fit only, features already extracted
+    train_images: int  # originals; augmented variants come on top
+    augmented_images: int
+    validation_images: int
+    device: str
+    empty_classes: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # image id -> reason
+
+
+def default_store_path(data_dir: str | Path, encoder: str) -> Path:
+    """Return the default feature store of a class folder: features/store/<parent>_<folder>_<encoder>.pkl."""
+    data_dir = Path(data_dir).resolve()
+    return STORE_FOLDER / f"{data_dir.parent.name}_{data_dir.name}_{encoder}.pkl"
+
+
+def augmented_store_path(store_path: str | Path) -> Path:
+    """Return the store that holds the augmented train variants, beside the originals' store."""
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}.augmented{store_path.suffix}")
+
+
+def train_classifier(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    options: ClassifierTrainingOptions,
+    features: str | Path | None = None,
+    progress: bool = True,
+    verbose: int | None = None,
+) -> ClassifierTrainingResult:
+    """Extract features (if not cached), split, train the head and write the run directory."""
+    run_dir = Path(run_dir)
+    if (run_dir / MODEL_FILE).exists() or (run_dir / HISTORY_FILE).exists():
+        raise ClassifierError(f"{run_dir} already holds a training run; choose another --out")
+    spec = get_encoder_spec(options.encoder)
+    keras.utils.set_random_seed(options.seed)
+    tf.config.experimental.enable_op_determinism()
+    folder = load_class_folder(data_dir)
+    store_path = Path(features) if features else default_store_path(data_dir, options.encoder)
+    needs_spatial = options.head == "gru"
+    store, report = ensure_features(
+        folder.sources, store_path, options.encoder, options.weights, needs_spatial, progress=progress
+    )
+    usable = [i for i in folder.sources if i in store.features]
+    train_ids, validation_ids = stratified_split(usable, folder.labels, options.validation_fraction, options.seed)
+
+    config = ClassifierConfig(
+        num_classes=len(folder.classes), feature_dim=store.dim, spatial_shape=tuple(spec.spatial_shape),
+        head=options.head, units=options.units, rnn_units=options.rnn_units, dropout=options.dropout,
+    )
+    model = build_classifier(config)
+    train_inputs = head_inputs(store, store_path, train_ids, needs_spatial)
+    train_labels = np.array([folder.labels[i] for i in train_ids])
+    augmented_ids: list[str] = []
+    augmented_path = augmented_store_path(store_path)
+    if options.augment:
+        # Variants of the train images only, in their own store: validation never sees them.
+        variants = augmented_sources({i: folder.sources[i] for i in train_ids})
+        augmented, _ = ensure_features(
+            variants, augmented_path, options.encoder, options.weights, needs_spatial, progress=progress,
+            augment=augment_pixels,
+        )
+        augmented_ids = sorted(i for i in variants if i in augmented.features)
+        augmented_inputs = head_inputs(augmented, augmented_path, augmented_ids, needs_spatial)
+        train_inputs = np.concatenate([train_inputs, augmented_inputs])
+        train_labels = np.concatenate([train_labels, [folder.labels[original_id(i)] for i in augmented_ids]])
+    validation_inputs = head_inputs(store, store_path, validation_ids, needs_spatial)
+    validation_labels = np.array([folder.labels[i] for i in validation_ids])
+
+    compile_classifier(model, options.learning_rate)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CLASSES_FILE, folder.classes)
+    write_json(run_dir / SPLIT_FILE, {
+        "seed": options.seed, "validation_fraction": options.validation_fraction,
+        "train": train_ids, "validation": validation_ids,
+    })
+    save_run_config(run_dir, {
+        "task": TASK,
+        **{k: store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "weights")},
+        "feature_dim": store.dim,
+        "spatial_shape": list(spec.spatial_shape),
+        "head": options.head,
+        "classes": folder.classes,
+        "split_seed": options.seed,
+        "validation_fraction": options.validation_fraction,
+        "model": config.to_dict(),
+        "training": asdict(options),
+        "data": str(Path(data_dir).resolve()),
+        "features": str(store_path),
+        "augmented_features": str(augmented_path) if options.augment else None,
+        "train_images": len(train_ids),
+        "augmented_images": len(augmented_ids),
+        "validation_images": len(validation_ids),
+        "class_counts": folder.counts(),
+        "empty_classes": folder.empty_classes,
+        "unreadable_images": sorted(report.failed),
+    })
+
+    best_path = run_dir / f".best.{MODEL_FILE}"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5),
+        keras.callbacks.CSVLogger(run_dir / HISTORY_FILE),
+    ]
+    train = LabelledBatches(train_inputs, train_labels, options.batch_size, shuffle=True, seed=options.seed)
+    validation = LabelledBatches(validation_inputs, validation_labels, options.batch_size, shuffle=False)
+    if verbose is None:  # a live progress bar on a terminal, one line per epoch in a log
+        verbose = 1 if sys.stdout.isatty() else 2
+    device = describe_device()
+    if verbose:
+        print(f"training the {options.head} head on {device}: {len(train_ids)} train images"
+              f"{f' + {len(augmented_ids)} augmented' if augmented_ids else ''}, "
+              f"{len(validation_ids)} validation images, {len(folder.classes)} classes")
+    started = time.perf_counter()
+    history = model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
+                        verbose=verbose)
+    seconds = time.perf_counter() - started
+    final = keras.saving.load_model(best_path, compile=False) if best_path.is_file() else model
+    save_model_without_optimizer(final, run_dir / MODEL_FILE)
+    best_path.unlink(missing_ok=True)
+    plot_history(run_dir / HISTORY_FILE, run_dir / CURVES_FILE)
+    compile_classifier(final, options.learning_rate)
+    loss, accuracy = final.evaluate(validation, verbose=0)
+    return ClassifierTrainingResult(
+        run_dir, len(history.epoch), float(loss), float(accuracy), seconds, len(train_ids), len(augmented_ids),
+        len(validation_ids), device, folder.empty_classes, report.failed,
+    )
