@@ -1,13 +1,13 @@
 """Image-classifier heads on encoder features, their run directory, and classifying photos.
 
-    dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, softmax)
-    gru:   spatial map (H, W, C) -> Reshape (H*W regions, C) -> Dropout -> GRU(rnn_units) -> Dense(classes, softmax)
+dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, softmax)
+gru:   spatial map (H, W, C) -> Reshape (H*W regions, C) -> Dropout -> GRU(rnn_units) -> Dense(classes, softmax)
 
-    RUN_DIR/model.keras    best head (no optimizer state)
-    RUN_DIR/classes.json   class names in output order
-    RUN_DIR/config.json    task, encoder, weights, head, feature shape, classes, split seed, training options
-    RUN_DIR/split.json     the train and validation image ids
-    RUN_DIR/history.csv    per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
+RUN_DIR/model.keras    best head (no optimizer state)
+RUN_DIR/classes.json   class names in output order
+RUN_DIR/config.json    task, encoder, weights, head, feature shape, classes, split seed, training options
+RUN_DIR/split.json     the train and validation image ids
+RUN_DIR/history.csv    per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from models.rundir import CONFIG_FILE, MODEL_FILE, RunDirError, read_run_config
 TASK = "image-classifier"
 CLASSES_FILE, SPLIT_FILE = "classes.json", "split.json"
 ENCODE_BATCH = 32
+STORE_FOLDER = Path("features") / "store"
 PREDICT_CHUNK = 512  # rows widened to float32 at a time when predicting from float16 maps
 
 
@@ -102,6 +103,12 @@ def compile_classifier(model: keras.Model, learning_rate: float) -> None:
 
 
 # ---- features: extracted once through the feature store, read per head ----
+
+
+def default_store_path(data_dir: str | Path, encoder: str) -> Path:
+    """Return the default feature store of a class folder: features/store/<parent>_<folder>_<encoder>.pkl."""
+    data_dir = Path(data_dir).resolve()
+    return STORE_FOLDER / f"{data_dir.parent.name}_{data_dir.name}_{encoder}.pkl"
 
 
 def ensure_features(

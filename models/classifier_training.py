@@ -18,14 +18,27 @@ import tensorflow as tf
 from features.augment import augment_pixels, augmented_sources, original_id
 from features.encoders import get_encoder_spec
 from models.classifier import (
-    CLASSES_FILE, SPLIT_FILE, TASK, ClassifierConfig, ClassifierError, build_classifier, compile_classifier,
-    ensure_features, head_inputs,
+    CLASSES_FILE,
+    SPLIT_FILE,
+    TASK,
+    ClassifierConfig,
+    ClassifierError,
+    build_classifier,
+    compile_classifier,
+    default_store_path,
+    ensure_features,
+    head_inputs,
 )
-from models.rundir import CURVES_FILE, HISTORY_FILE, MODEL_FILE, save_model_without_optimizer, save_run_config, write_json
+from models.rundir import (
+    CURVES_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    save_model_without_optimizer,
+    save_run_config,
+    write_json,
+)
 from models.training import describe_device, plot_history
 from pipeline.classes import LabelledBatches, load_class_folder, stratified_split
-
-STORE_FOLDER = Path("features") / "store"
 
 
 @dataclass
@@ -60,12 +73,6 @@ class ClassifierTrainingResult:
     unreadable: dict[str, str] = field(default_factory=dict)  # image id -> reason
 
 
-def default_store_path(data_dir: str | Path, encoder: str) -> Path:
-    """Return the default feature store of a class folder: features/store/<parent>_<folder>_<encoder>.pkl."""
-    data_dir = Path(data_dir).resolve()
-    return STORE_FOLDER / f"{data_dir.parent.name}_{data_dir.name}_{encoder}.pkl"
-
-
 def augmented_store_path(store_path: str | Path) -> Path:
     """Return the store that holds the augmented train variants, beside the originals' store."""
     store_path = Path(store_path)
@@ -97,8 +104,13 @@ def train_classifier(
     train_ids, validation_ids = stratified_split(usable, folder.labels, options.validation_fraction, options.seed)
 
     config = ClassifierConfig(
-        num_classes=len(folder.classes), feature_dim=store.dim, spatial_shape=tuple(spec.spatial_shape),
-        head=options.head, units=options.units, rnn_units=options.rnn_units, dropout=options.dropout,
+        num_classes=len(folder.classes),
+        feature_dim=store.dim,
+        spatial_shape=tuple(spec.spatial_shape),
+        head=options.head,
+        units=options.units,
+        rnn_units=options.rnn_units,
+        dropout=options.dropout,
     )
     model = build_classifier(config)
     train_inputs = head_inputs(store, store_path, train_ids, needs_spatial)
@@ -109,7 +121,12 @@ def train_classifier(
         # Variants of the train images only, in their own store: validation never sees them.
         variants = augmented_sources({i: folder.sources[i] for i in train_ids})
         augmented, _ = ensure_features(
-            variants, augmented_path, options.encoder, options.weights, needs_spatial, progress=progress,
+            variants,
+            augmented_path,
+            options.encoder,
+            options.weights,
+            needs_spatial,
+            progress=progress,
             augment=augment_pixels,
         )
         augmented_ids = sorted(i for i in variants if i in augmented.features)
@@ -122,31 +139,39 @@ def train_classifier(
     compile_classifier(model, options.learning_rate)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CLASSES_FILE, folder.classes)
-    write_json(run_dir / SPLIT_FILE, {
-        "seed": options.seed, "validation_fraction": options.validation_fraction,
-        "train": train_ids, "validation": validation_ids,
-    })
-    save_run_config(run_dir, {
-        "task": TASK,
-        **{k: store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "weights")},
-        "feature_dim": store.dim,
-        "spatial_shape": list(spec.spatial_shape),
-        "head": options.head,
-        "classes": folder.classes,
-        "split_seed": options.seed,
-        "validation_fraction": options.validation_fraction,
-        "model": config.to_dict(),
-        "training": asdict(options),
-        "data": str(Path(data_dir).resolve()),
-        "features": str(store_path),
-        "augmented_features": str(augmented_path) if options.augment else None,
-        "train_images": len(train_ids),
-        "augmented_images": len(augmented_ids),
-        "validation_images": len(validation_ids),
-        "class_counts": folder.counts(),
-        "empty_classes": folder.empty_classes,
-        "unreadable_images": sorted(report.failed),
-    })
+    write_json(
+        run_dir / SPLIT_FILE,
+        {
+            "seed": options.seed,
+            "validation_fraction": options.validation_fraction,
+            "train": train_ids,
+            "validation": validation_ids,
+        },
+    )
+    save_run_config(
+        run_dir,
+        {
+            "task": TASK,
+            **{k: store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "weights")},
+            "feature_dim": store.dim,
+            "spatial_shape": list(spec.spatial_shape),
+            "head": options.head,
+            "classes": folder.classes,
+            "split_seed": options.seed,
+            "validation_fraction": options.validation_fraction,
+            "model": config.to_dict(),
+            "training": asdict(options),
+            "data": str(Path(data_dir).resolve()),
+            "features": str(store_path),
+            "augmented_features": str(augmented_path) if options.augment else None,
+            "train_images": len(train_ids),
+            "augmented_images": len(augmented_ids),
+            "validation_images": len(validation_ids),
+            "class_counts": folder.counts(),
+            "empty_classes": folder.empty_classes,
+            "unreadable_images": sorted(report.failed),
+        },
+    )
 
     best_path = run_dir / f".best.{MODEL_FILE}"
     callbacks = [
@@ -161,12 +186,13 @@ def train_classifier(
         verbose = 1 if sys.stdout.isatty() else 2
     device = describe_device()
     if verbose:
-        print(f"training the {options.head} head on {device}: {len(train_ids)} train images"
-              f"{f' + {len(augmented_ids)} augmented' if augmented_ids else ''}, "
-              f"{len(validation_ids)} validation images, {len(folder.classes)} classes")
+        print(
+            f"training the {options.head} head on {device}: {len(train_ids)} train images"
+            f"{f' + {len(augmented_ids)} augmented' if augmented_ids else ''}, "
+            f"{len(validation_ids)} validation images, {len(folder.classes)} classes"
+        )
     started = time.perf_counter()
-    history = model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks,
-                        verbose=verbose)
+    history = model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - started
     final = keras.saving.load_model(best_path, compile=False) if best_path.is_file() else model
     save_model_without_optimizer(final, run_dir / MODEL_FILE)
@@ -175,6 +201,15 @@ def train_classifier(
     compile_classifier(final, options.learning_rate)
     loss, accuracy = final.evaluate(validation, verbose=0)
     return ClassifierTrainingResult(
-        run_dir, len(history.epoch), float(loss), float(accuracy), seconds, len(train_ids), len(augmented_ids),
-        len(validation_ids), device, folder.empty_classes, report.failed,
+        run_dir,
+        len(history.epoch),
+        float(loss),
+        float(accuracy),
+        seconds,
+        len(train_ids),
+        len(augmented_ids),
+        len(validation_ids),
+        device,
+        folder.empty_classes,
+        report.failed,
     )

@@ -87,7 +87,8 @@ def build_caption_model(config: CaptionModelConfig) -> keras.Model:
 def compile_caption_model(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
+        # Mean over real words only: padding has weight 0 and must not dilute the loss.
+        loss=keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight"),
         weighted_metrics=["accuracy"],
     )
 

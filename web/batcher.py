@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -158,7 +158,10 @@ class CaptionBatcher:
                 mine, results = results[: len(request.uploads)], results[len(request.uploads) :]
                 for result in mine:
                     if "timing_ms" in result:
-                        result["timing_ms"] = {"queue": _milliseconds(request.queued_at, started), **result["timing_ms"]}
+                        result["timing_ms"] = {
+                            "queue": _milliseconds(request.queued_at, started),
+                            **result["timing_ms"],
+                        }
                 if not request.future.done():
                     request.future.set_result(mine)
 
@@ -198,7 +201,7 @@ class CaptionBatcher:
         }
         if classes is not None:
             timing["classify"] = _milliseconds(searched, classified)
-        for k, (i, caption) in enumerate(zip(readable, captions)):
+        for k, (i, caption) in enumerate(zip(readable, captions, strict=True)):
             result = caption.to_dict()
             if classes is not None:
                 label, probability = classes[k]

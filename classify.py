@@ -1,0 +1,170 @@
+"""Train, evaluate and use an image classifier on encoder features of a class-per-folder image set.
+
+    python classify.py train --data DIR --out RUN_DIR [--head dense|gru] [--augment] [--epochs 30]
+    python classify.py evaluate --model RUN_DIR --data DIR --json FILE [--plots DIR]
+    python classify.py predict --model RUN_DIR photo.jpg [more.jpg ...] [--json]
+
+DIR holds one sub-folder of images per class (DIR/daisy/*.jpg, DIR/tulips/*.jpg, ...). Features are
+extracted once into a feature store (default features/store/<parent>_<folder>_<encoder>.pkl) and
+reused; an interrupted extraction resumes. On the folder a run was trained on, `evaluate` scores the
+run's own validation split; on any other class folder, every image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cli import clean_errors
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from features.encoders import DEFAULT_ENCODER, ENCODERS
+    from models.classifier import HEADS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a classifier head and write a run directory")
+    train.add_argument("--data", type=Path, required=True, help="class-per-folder image set DIR/<class>/*")
+    train.add_argument("--out", type=Path, required=True, help="run directory to write")
+    train.add_argument("--head", default="dense", choices=sorted(HEADS), help="dense: pooled vector; gru: 7x7 map")
+    train.add_argument("--augment", action="store_true", help="add flipped, rotated and brightened train images")
+    train.add_argument("--features", type=Path, help="feature store (default features/store/<parent>_<folder>_...)")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and validation split")
+    train.add_argument("--validation-fraction", type=float, default=0.2, help="share of each class held out")
+    train.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
+    train.add_argument("--units", type=int, default=256, help="dense head: hidden units")
+    train.add_argument("--rnn-units", type=int, default=128, help="gru head: GRU units")
+    train.add_argument("--dropout", type=float, default=0.5)
+    train.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(ENCODERS))
+    train.add_argument("--weights", default="imagenet", help="encoder weights: imagenet | PATH | none")
+    train.add_argument("--no-progress", action="store_true")
+
+    evaluate = commands.add_parser("evaluate", help="score a run: accuracy, per-class F1, confusion, ROC")
+    evaluate.add_argument("--model", type=Path, required=True, help="run directory from classify.py train")
+    evaluate.add_argument("--data", type=Path, required=True, help="class-per-folder image set")
+    evaluate.add_argument("--json", type=Path, required=True, help="metrics file to write")
+    evaluate.add_argument("--plots", type=Path, help="folder for confusion_matrix.png and roc.png")
+    evaluate.add_argument("--features", type=Path, help="feature store (default: the run's, or one per folder)")
+    evaluate.add_argument("--all", action="store_true", help="score every image, even of the training folder")
+    evaluate.add_argument("--no-progress", action="store_true")
+
+    predict = commands.add_parser("predict", help="print the class of each photo")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--model", type=Path, required=True, help="run directory from classify.py train")
+    predict.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        for name in ("epochs", "batch_size", "patience", "units", "rnn_units"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < args.validation_fraction < 1:
+            parser.error("--validation-fraction must be between 0 and 1")
+        if not 0 <= args.dropout < 1:
+            parser.error("--dropout must be in [0, 1)")
+        if args.lr <= 0:
+            parser.error("--lr must be positive")
+    return args
+
+
+def train(args: argparse.Namespace) -> int:
+    from models.classifier_training import ClassifierTrainingOptions, train_classifier
+
+    options = ClassifierTrainingOptions(
+        head=args.head,
+        augment=args.augment,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+        patience=args.patience,
+        units=args.units,
+        rnn_units=args.rnn_units,
+        dropout=args.dropout,
+        encoder=args.encoder,
+        weights=args.weights,
+    )
+    result = train_classifier(args.data, args.out, options, args.features, progress=not args.no_progress)
+    if result.empty_classes:
+        print(
+            f"warning: skipped {len(result.empty_classes)} empty class folder(s): {', '.join(result.empty_classes)}",
+            file=sys.stderr,
+        )
+    if result.unreadable:
+        print(f"warning: skipped {len(result.unreadable)} unreadable image(s)", file=sys.stderr)
+    print(
+        f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
+        f"validation accuracy {result.val_accuracy:.4f}, loss {result.best_val_loss:.4f} "
+        f"({result.train_images} train + {result.augmented_images} augmented, "
+        f"{result.validation_images} validation images)"
+    )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from models.classifier_evaluation import evaluate_classifier, write_evaluation
+
+    evaluation = evaluate_classifier(
+        args.model, args.data, args.features, args.plots, args.all, progress=not args.no_progress
+    )
+    write_evaluation(evaluation, args.json)
+    print(evaluation.report_text)
+    print(
+        f"{evaluation.subset} images: {evaluation.images}; accuracy {evaluation.accuracy:.4f}, "
+        f"macro F1 {evaluation.macro_f1:.4f}; metrics in {args.json}"
+    )
+    for name, value in evaluation.roc_auc.items():
+        print(f"  ROC AUC {name}: {'n/a (class absent)' if value is None else f'{value:.4f}'}")
+    if evaluation.missing:
+        print(f"warning: {len(evaluation.missing)} validation image(s) no longer in {args.data}", file=sys.stderr)
+    if evaluation.unreadable:
+        print(f"warning: skipped {len(evaluation.unreadable)} unreadable image(s)", file=sys.stderr)
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from models.classifier import classify_files
+
+    results, errors = classify_files(args.model, args.images)
+    for reason in errors.values():
+        print(f"error: {reason}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "results": [r.to_dict() for r in results],
+                    "errors": [{"image": p, "error": r} for p, r in errors.items()],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for result in results:
+            print(f"{result.image}: {result.label} ({result.probability:.2f})")
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from features.encoders import EncoderError
+    from features.store import FeatureStoreError
+    from models.classifier import ClassifierError
+    from models.rundir import RunDirError
+    from pipeline.classes import ClassFolderError
+
+    with clean_errors(ClassifierError, ClassFolderError, FeatureStoreError, EncoderError, RunDirError, OSError):
+        code = {"train": train, "evaluate": evaluate, "predict": predict}[args.command](args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

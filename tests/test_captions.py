@@ -1,0 +1,107 @@
+"""Caption readers, cleaning, vocabulary and the batch generator (issue 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_FLICKR
+from pipeline.batches import CaptionSequence, encode_captions, pad_batch
+from pipeline.captions import (
+    CaptionFileError,
+    clean_caption,
+    read_captions_csv,
+    read_token_file,
+    select_split,
+)
+from pipeline.vocabulary import Vocabulary, VocabularyError
+
+
+def test_clean_caption_exact_outputs():
+    assert clean_caption("A dog, running  on the GRASS .") == ["a", "dog", "running", "on", "the", "grass"]
+    assert clean_caption("Two 2 kids -- play ball!") == ["two", "kids", "play", "ball"]
+    assert clean_caption("  \t ") == []
+
+
+def test_token_and_csv_readers(tmp_path):
+    (tmp_path / "t.txt").write_text("a.jpg#0\tA dog .\na.jpg#1\tA cat , too .\nb.jpg#0\tBird\n")
+    (tmp_path / "c.txt").write_text('image,caption\na.jpg,A dog .\na.jpg,"A cat , too ."\nb.jpg,Bird\n')
+    expected = {"a.jpg": ["A dog .", "A cat , too ."], "b.jpg": ["Bird"]}
+    assert read_token_file(tmp_path / "t.txt") == expected
+    assert read_captions_csv(tmp_path / "c.txt") == expected
+    (tmp_path / "bad.txt").write_text("no tab here\n")
+    with pytest.raises(CaptionFileError, match=":1:"):
+        read_token_file(tmp_path / "bad.txt")
+    with pytest.raises(CaptionFileError, match="header"):
+        read_captions_csv(tmp_path / "t.txt")
+
+
+def test_both_readers_agree_on_the_real_flickr8k_files():
+    tokens = read_token_file(SHARED_FLICKR / "Flickr8k.token.txt")
+    csv = read_captions_csv(SHARED_FLICKR / "captions.txt")
+    assert sum(map(len, tokens.values())) == 40460 and sum(map(len, csv.values())) == 40455
+    # The token file's one quirk line names no image; every real image has the same five captions.
+    assert set(tokens) - set(csv) == {"2258277193_586949ec62.jpg.1"}
+    assert all(tokens[k] == csv[k] for k in csv)
+
+
+def test_split_selection_skips_and_counts_missing_ids():
+    captions = {"a": ["A dog ."], "b": ["A cat ."]}
+    split = select_split(captions, ["a", "b", "c"], available={"a"})
+    assert split.image_ids == ["a"] and split.skipped == ["b", "c"]
+    assert split.captions == {"a": [["a", "dog"]]}
+
+
+def test_vocabulary_from_literal_captions(tmp_path):
+    captions = [["a", "dog", "runs"], ["a", "dog"], ["a", "cat"]]
+    vocabulary = Vocabulary.build(captions, min_count=2)
+    assert vocabulary.words == ["<pad>", "<unk>", "<start>", "<end>", "a", "dog"]
+    assert vocabulary.encode(["a", "cat", "dog"]) == [2, 4, 1, 5, 3]
+    assert vocabulary.decode([4, 1, 5, 3, 4]) == ["a", "dog"]  # stops at <end>, drops specials
+    vocabulary.save(tmp_path / "v.json")
+    loaded = Vocabulary.load(tmp_path / "v.json")
+    assert loaded.words == vocabulary.words and loaded.min_count == 2
+    (tmp_path / "bad.json").write_text('{"format": "captioning-vocabulary", "version": 1, "words": ["a"]}')
+    with pytest.raises(VocabularyError, match="special tokens"):
+        Vocabulary.load(tmp_path / "bad.json")
+
+
+def test_generator_shapes_padding_and_weights():
+    vocabulary = Vocabulary.build([["a", "dog"], ["a", "red", "ball", "here"]], min_count=1)
+    captions = {"x": [["a", "dog"]], "y": [["a", "red", "ball", "here"]]}
+    rows, sequences = encode_captions(["x", "y"], captions, vocabulary, max_caption_length=6)
+    assert rows.tolist() == [0, 1]
+    # ids: a=4 (most frequent), then ball=5 dog=6 here=7 red=8 alphabetically
+    assert sequences[1] == [2, 4, 8, 5, 7, 3]  # <start> a red ball here <end>
+    features = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    sequence = CaptionSequence(features, rows, sequences, 6, batch_size=2, shuffle=False)
+    inputs, targets, weights = sequence[0]
+    assert inputs["words"].tolist() == [[2, 4, 6, 3, 0], [2, 4, 8, 5, 7]]
+    assert targets.tolist() == [[4, 6, 3, 0, 0], [4, 8, 5, 7, 3]]
+    assert weights.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    np.testing.assert_array_equal(inputs["image"], features)
+    assert len(sequence) == 1
+
+
+def test_long_captions_are_truncated_with_end_and_batches_bucketed():
+    vocabulary = Vocabulary.build([["w"] * 3], min_count=1)
+    _, sequences = encode_captions(["x"], {"x": [["w"] * 20]}, vocabulary, max_caption_length=10)
+    assert len(sequences[0]) == 10 and sequences[0][-1] == vocabulary.end_id
+    assert pad_batch([[2, 4, 3]], 40).shape == (1, 8)
+    assert pad_batch([[2] * 9], 40).shape == (1, 16)
+    assert pad_batch([[2] * 9], 10).shape == (1, 10)
+
+
+def test_generator_reshuffles_every_epoch_and_covers_every_caption():
+    rows = np.arange(10)
+    sequences = [[2, 4 + i, 3] for i in range(10)]
+    sequence = CaptionSequence(np.eye(10, dtype=np.float32), rows, sequences, 5, batch_size=4, seed=0)
+
+    def epoch_order():
+        return [int(t) for b in range(len(sequence)) for t in sequence[b][0]["words"][:, 1]]
+
+    first = epoch_order()
+    sequence.on_epoch_end()
+    second = epoch_order()
+    assert sorted(first) == sorted(second) == list(range(4, 14))
+    assert first != second
