@@ -1,6 +1,6 @@
 """Caption photos with a trained run (default: the model shipped in pretrained/).
 
-    python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json]
+    python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json] [--classifier RUN_DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by logP / length**this")
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--classifier", type=Path, help="image-classifier run (classify.py train): add its class")
     args = parser.parse_args(argv)
     if args.beam < 1:
         parser.error("--beam must be at least 1")
@@ -41,15 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     with clean_errors(RunDirError, EncoderError):
         captioner = Captioner(load_run(args.model), args.encoder_weights)
         captions, errors = captioner.caption_files(args.images, args.beam, args.max_length, args.length_penalty)
+        classes = {}
+        if args.classifier:
+            from models.classifier import classify_files
+
+            classes = {c.image: c for c in classify_files(args.classifier, [c.image for c in captions])[0]}
     for path, reason in errors.items():
         print(f"error: {reason}", file=sys.stderr)
     if args.json:
+        results = [c.to_dict() for c in captions]
+        for result in results:
+            if result["image"] in classes:
+                label = classes[result["image"]]
+                result.update({"class": label.label, "probability": round(label.probability, 4)})
         print(json.dumps({"model": str(args.model), "beam": args.beam,
-                          "results": [c.to_dict() for c in captions],
+                          "results": results,
                           "errors": [{"image": p, "error": r} for p, r in errors.items()]}, indent=2))
     else:
         for caption in captions:
-            print(f"{caption.image}: {caption.caption}" if len(args.images) > 1 else caption.caption)
+            label = classes.get(caption.image)
+            suffix = f" | {label.label} ({label.probability:.2f})" if label else ""
+            print((f"{caption.image}: {caption.caption}" if len(args.images) > 1 else caption.caption) + suffix)
     return 1 if errors else 0
 
 

@@ -43,6 +43,8 @@ def tiny_flickr(tmp_path_factory) -> Path:
             make_image(root / "Images" / image_id, COLOURS[colour], noise_seed=k)
             token_lines += [f"{image_id}#{n}\t{c}" for n, c in enumerate(captions)]
             (dev if k == 3 else train).append(image_id)
+    # Like the real test split: captioned in the token file, but the image is not on disk.
+    token_lines.append("missing_0.jpg#0\ta red square")
     (root / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n")
     (root / "Flickr_8k.trainImages.txt").write_text("\n".join(train) + "\n")
     (root / "Flickr_8k.devImages.txt").write_text("\n".join(dev) + "\n")
@@ -64,10 +66,11 @@ def tiny_store(tiny_flickr, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_flickr, tiny_store, tmp_path_factory) -> Path:
-    """A merge model trained for a few epochs on the tiny folder."""
+    """A merge model trained for a dozen short epochs on the tiny folder."""
     from models.training import TrainingOptions, train_caption_model
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    options = TrainingOptions(epochs=3, batch_size=8, learning_rate=1e-2, min_count=1, seed=1)
-    train_caption_model(tiny_store, tiny_flickr, run_dir, options, {"units": 16, "embedding_dim": 8}, verbose=0)
+    options = TrainingOptions(epochs=12, batch_size=8, learning_rate=1e-2, min_count=1, seed=1, patience=20)
+    model_options = {"units": 16, "embedding_dim": 8, "dropout": 0.1}
+    train_caption_model(tiny_store, tiny_flickr, run_dir, options, model_options, verbose=0)
     return run_dir

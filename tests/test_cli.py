@@ -1,0 +1,173 @@
+"""train.py, infer.py and evaluate.py end to end on a tiny run, and their bad-input handling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+from models.rundir import load_run
+from models.training import TrainingError, TrainingOptions, train_caption_model
+from pipeline.metrics import coco_scores, nltk_corpus_bleu
+
+
+def test_tiny_run_directory_holds_everything_inference_needs(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"model.keras", "vocabulary.json", "config.json", "history.csv", "curves.png"} <= names
+    config = json.loads((tiny_run / "config.json").read_text())
+    run = load_run(tiny_run)
+    assert config["encoder"] == "efficientnet_lite0" and config["feature_dim"] == 1280
+    # max length derived from data: the longest tiny caption has 6 words, + <start> and <end>
+    assert config["max_caption_length"] == 8 == run.model_config.max_caption_length
+    assert config["vocab_size"] == len(run.vocabulary)
+    with (tiny_run / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+
+def test_training_resumes_from_the_last_saved_epoch_with_optimizer_state(tiny_flickr, tiny_store, tmp_path):
+    options = TrainingOptions(epochs=2, batch_size=8, learning_rate=1e-2, min_count=1, seed=3)
+    small = {"units": 8, "embedding_dim": 4}
+    run_dir = tmp_path / "run"
+    train_caption_model(tiny_store, tiny_flickr, run_dir, options, small, verbose=0)
+    with pytest.raises(TrainingError, match="--resume"):
+        train_caption_model(tiny_store, tiny_flickr, run_dir, options, small, verbose=0)
+    options.epochs = 4
+    result = train_caption_model(tiny_store, tiny_flickr, run_dir, options, resume=True, verbose=0)
+    assert result.epochs_run == 2  # epochs 3 and 4 only
+    with (run_dir / "history.csv").open() as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2, 3]
+    import keras
+
+    restored = keras.saving.load_model(run_dir / "last_epoch.keras")
+    steps_per_epoch = -(-27 // 8)  # 9 train images x 3 captions, batch 8
+    assert int(restored.optimizer.iterations) == 4 * steps_per_epoch
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train_caption_model(tiny_store, tiny_flickr, tmp_path / "fresh", options, resume=True, verbose=0)
+
+
+def test_training_is_deterministic_with_a_seed(tiny_flickr, tiny_store, tmp_path):
+    options = TrainingOptions(epochs=1, batch_size=8, min_count=1, seed=7)
+    losses = []
+    for name in ("a", "b"):
+        result = train_caption_model(tiny_store, tiny_flickr, tmp_path / name, options, {"units": 8}, verbose=0)
+        losses.append((tmp_path / name / "history.csv").read_text())
+        assert result.epochs_run == 1
+    assert losses[0] == losses[1]
+
+
+def test_infer_captions_images_and_reports_bad_ones(tiny_run, tiny_flickr, tmp_path, capsys):
+    import infer
+
+    good = tiny_flickr / "Images" / "red_0.jpg"
+    assert infer.main([str(good), "--model", str(tiny_run)]) == 0
+    caption = capsys.readouterr().out.strip()
+    vocabulary = load_run(tiny_run).vocabulary
+    assert caption and all(word in vocabulary.index for word in caption.split())
+    assert "<start>" not in caption and "<end>" not in caption
+
+    (tmp_path / "notes.jpg").write_text("not an image")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(good.read_bytes()[:200])
+    args = [str(good), str(tmp_path / "absent.jpg"), str(tmp_path / "notes.jpg"), str(corrupt)]
+    assert infer.main([*args, "--model", str(tiny_run), "--json", "--beam", "2"]) == 1
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert [r["image"] for r in document["results"]] == [str(good)]
+    assert len(document["results"][0]["beams"]) == 2
+    assert len(document["errors"]) == 3
+    assert len(captured.err.strip().splitlines()) == 3 and "Traceback" not in captured.err
+
+
+def test_infer_rejects_bad_run_directories(tiny_run, tiny_flickr, tmp_path, capsys):
+    import infer
+
+    image = str(tiny_flickr / "Images" / "red_0.jpg")
+    for run_dir, message in [(tmp_path / "missing", "no such run directory")]:
+        with pytest.raises(SystemExit) as exit_info:
+            infer.main([image, "--model", str(run_dir)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_run, incomplete)
+    (incomplete / "model.keras").unlink()
+    with pytest.raises(SystemExit):
+        infer.main([image, "--model", str(incomplete)])
+    assert "model.keras missing" in capsys.readouterr().err
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(tiny_run, mismatch)
+    config = json.loads((mismatch / "config.json").read_text())
+    config["encoder"] = "vgg16"
+    (mismatch / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        infer.main([image, "--model", str(mismatch)])
+    assert "expects 1280-d features but encoder vgg16 gives 4096-d" in capsys.readouterr().err
+
+
+def test_infer_batches_many_images_in_one_call(tiny_run, tmp_path, capsys):
+    import infer
+
+    paths = [str(make_image(tmp_path / f"{i}.png", (i * 7 % 255, 90, 30), size=(40 + i, 30))) for i in range(40)]
+    assert infer.main([*paths, "--model", str(tiny_run), "--beam", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 40 and lines[0].startswith(paths[0] + ": ")
+
+
+def test_metrics_on_literal_captions():
+    perfect = coco_scores({"a": ["a dog runs on the grass"]}, {"a": "a dog runs on the grass"})
+    assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["BLEU-4"] == pytest.approx(1.0)
+    assert perfect["METEOR"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
+    # Worked CIDEr-D example: two images, one reference each ("a dog", "a cat"), hypotheses equal to
+    # them. "a" is in both documents, so its idf log(2/2) is 0; "dog"/"cat" and the bigrams have idf
+    # log 2. Unigram and bigram cosine similarities are 1, tri/4-gram vectors are empty (0): the mean
+    # over n = 1..4 is 0.5, times CIDEr-D's factor 10 = 5.0.
+    cider = coco_scores({"A": ["a dog"], "B": ["a cat"]}, {"A": "a dog", "B": "a cat"})["CIDEr"]
+    assert cider == pytest.approx(5.0)
+    wrong = coco_scores({"A": ["a dog"], "B": ["a cat"]}, {"A": "a cat", "B": "a dog"})["CIDEr"]
+    assert wrong == pytest.approx(0.0)
+    nltk = nltk_corpus_bleu({"a": ["A dog runs on the grass ."]}, {"a": "a dog runs on the grass"})
+    assert nltk["NLTK-BLEU-4"] == pytest.approx(1.0)
+
+
+def test_evaluate_end_to_end_on_a_tiny_run(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
+    import evaluate
+
+    report_path, samples = tmp_path / "report.json", tmp_path / "samples.png"
+    code = evaluate.main(["--model", str(tiny_run), "--data", str(tiny_flickr), "--split", "dev",
+                          "--beam", "2", "--json", str(report_path), "--samples", str(samples)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "dev split, beam 2" in out and "CIDEr" in out and "NLTK-BLEU-4" in out
+    report = json.loads(report_path.read_text())
+    assert report["split"] == "dev" and report["beam"] == 2 and report["counts"]["captioned"] == 3
+    assert set(report["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    for item in report["captions"]:
+        assert "<start>" not in item["caption"] and "<end>" not in item["caption"] and len(item["references"]) == 3
+    assert samples.stat().st_size > 10_000
+    # Reusing stored features gives the same captions as encoding the images again.
+    from models.captioner import Captioner
+    from models.evaluation import evaluate_captions
+
+    captioner = Captioner(load_run(tiny_run))
+    from_store = evaluate_captions(captioner, tiny_flickr, "dev", beam=2, features=tiny_store)
+    assert from_store.captions == {i["image"]: i["caption"] for i in report["captions"]}
+    # The test split's images are all missing: counted, and a non-zero exit.
+    assert evaluate.main(["--model", str(tiny_run), "--data", str(tiny_flickr), "--split", "test"]) == 1
+    assert "1 missing on disk" in capsys.readouterr().out
+
+
+def test_train_cli_reports_a_store_without_train_images(tiny_flickr, tmp_path, capsys):
+    import train
+    from features.store import FeatureStore
+
+    FeatureStore({"encoder": "efficientnet_lite0", "dim": 2}, {"x.jpg": np.zeros(2, np.float32)}).save(
+        tmp_path / "s.pkl")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--features", str(tmp_path / "s.pkl"), "--data", str(tiny_flickr), "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "no train-split image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--features", str(tmp_path / "none.pkl"), "--data", str(tiny_flickr)])
+    assert "run extract_features.py first" in capsys.readouterr().err
