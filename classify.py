@@ -1,6 +1,6 @@
 """Train, evaluate and use an image classifier on encoder features of a class-per-folder image set.
 
-    python classify.py train --data DIR --out RUN_DIR [--head dense|gru] [--augment] [--epochs 30]
+    python classify.py train --data DIR --out RUN_DIR [--head dense|gru] [--augment [flip,rotate,bright]]
     python classify.py evaluate --model RUN_DIR --data DIR --json FILE [--plots DIR]
     python classify.py predict --model RUN_DIR photo.jpg [more.jpg ...] [--json]
 
@@ -17,10 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from cli import clean_errors
+from cli import clean_errors, fail
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from features.augment import AUGMENTATIONS
     from features.encoders import DEFAULT_ENCODER, ENCODERS
     from models.classifier import HEADS
 
@@ -31,17 +32,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--data", type=Path, required=True, help="class-per-folder image set DIR/<class>/*")
     train.add_argument("--out", type=Path, required=True, help="run directory to write")
     train.add_argument("--head", default="dense", choices=sorted(HEADS), help="dense: pooled vector; gru: 7x7 map")
-    train.add_argument("--augment", action="store_true", help="add flipped, rotated and brightened train images")
+    train.add_argument(
+        "--augment",
+        nargs="?",
+        const=",".join(AUGMENTATIONS),
+        default="",
+        metavar="NAMES",
+        help=f"add augmented variants of the train images: comma-separated from {','.join(AUGMENTATIONS)} (bare: all)",
+    )
     train.add_argument("--features", type=Path, help="feature store (default features/store/<parent>_<folder>_...)")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and validation split")
+    train.add_argument("--split-seed", type=int, help="seed of the validation split alone (default: --seed)")
     train.add_argument("--validation-fraction", type=float, default=0.2, help="share of each class held out")
     train.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
-    train.add_argument("--units", type=int, default=256, help="dense head: hidden units")
+    train.add_argument("--units", type=int, default=256, help="dense head: hidden units; 0 = no hidden layer")
     train.add_argument("--rnn-units", type=int, default=128, help="gru head: GRU units")
     train.add_argument("--dropout", type=float, default=0.5)
+    train.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the head's kernels (default 0: none)")
+    train.add_argument("--label-smoothing", type=float, default=0.0, help="smooth the one-hot targets (default 0)")
     train.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(ENCODERS))
     train.add_argument("--weights", default="imagenet", help="encoder weights: imagenet | PATH | none")
     train.add_argument("--no-progress", action="store_true")
@@ -62,15 +73,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     if args.command == "train":
-        for name in ("epochs", "batch_size", "patience", "units", "rnn_units"):
+        for name in ("epochs", "batch_size", "patience", "rnn_units"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be positive")
+        if args.units < 0:
+            parser.error("--units must be 0 (no hidden layer) or positive")
         if not 0 < args.validation_fraction < 1:
             parser.error("--validation-fraction must be between 0 and 1")
-        if not 0 <= args.dropout < 1:
-            parser.error("--dropout must be in [0, 1)")
+        for name in ("dropout", "label_smoothing"):
+            if not 0 <= getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
         if args.lr <= 0:
             parser.error("--lr must be positive")
+        if args.l2 < 0:
+            parser.error("--l2 must be 0 or positive")
+        args.augment = [name.strip() for name in args.augment.split(",") if name.strip()]
+        unknown = sorted(set(args.augment) - set(AUGMENTATIONS))
+        if unknown:
+            parser.error(f"--augment: unknown {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
     return args
 
 
@@ -79,16 +99,19 @@ def train(args: argparse.Namespace) -> int:
 
     options = ClassifierTrainingOptions(
         head=args.head,
-        augment=args.augment,
+        augmentations=args.augment,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
+        split_seed=args.split_seed,
         validation_fraction=args.validation_fraction,
         patience=args.patience,
         units=args.units,
         rnn_units=args.rnn_units,
         dropout=args.dropout,
+        l2=args.l2,
+        label_smoothing=args.label_smoothing,
         encoder=args.encoder,
         weights=args.weights,
     )
@@ -112,6 +135,9 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from models.classifier_evaluation import evaluate_classifier, write_evaluation
 
+    if args.json.is_dir():  # checked first: the metrics would be lost after the whole evaluation
+        fail(f"--json {args.json}: is a folder; give the name of the metrics file to write")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     evaluation = evaluate_classifier(
         args.model, args.data, args.features, args.plots, args.all, progress=not args.no_progress
     )

@@ -1,6 +1,7 @@
 """Caption photos with a trained run (default: the model shipped in pretrained/).
 
     python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json] [--classifier RUN_DIR]
+    python infer.py photo.jpg --model runs/attention --attention-map out.png   # one panel per word
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by logP / length**this")
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--attention-map", type=Path,
+                        help="attention runs: draw each word's attention over the image to this PNG "
+                             "(several images: one PNG each, named OUT_<image>.png)")
     parser.add_argument("--classifier", type=Path, help="image-classifier run (classify.py train): add its class")
     args = parser.parse_args(argv)
     if args.beam < 1:
@@ -36,17 +40,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from features.encoders import EncoderError
+    from features.images import load_image
     from models.captioner import Captioner
     from models.rundir import RunDirError, load_run
 
     with clean_errors(RunDirError, EncoderError):
         captioner = Captioner(load_run(args.model), args.encoder_weights)
-        captions, errors = captioner.caption_files(args.images, args.beam, args.max_length, args.length_penalty)
-        classes = {}
-        if args.classifier:
-            from models.classifier import classify_files
+        classifier = None
+        if args.classifier:  # loaded before any captioning, so a bad run directory fails at once
+            from models.classifier import classify_files, load_classifier_run
 
-            classes = {c.image: c for c in classify_files(args.classifier, [c.image for c in captions])[0]}
+            classifier = load_classifier_run(args.classifier)
+        captions, errors = captioner.caption_files(args.images, args.beam, args.max_length, args.length_penalty,
+                                                   attention=args.attention_map is not None)
+        if args.attention_map:
+            from models.attention import draw_attention_map
+
+            for caption in captions:
+                out = args.attention_map
+                if len(args.images) > 1:
+                    out = out.with_name(f"{out.stem}_{Path(caption.image).stem}{out.suffix or '.png'}")
+                draw_attention_map(load_image(caption.image, captioner.spec.input_size), caption.caption.split(),
+                                   caption.attention, out)
+        classes = {}
+        if classifier is not None and captions:
+            classes = {c.image: c for c in classify_files(classifier, [c.image for c in captions])[0]}
     for path, reason in errors.items():
         print(f"error: {reason}", file=sys.stderr)
     if args.json:

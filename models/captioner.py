@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from features.encoders import build_encoder, get_encoder_spec
 from features.images import ImageDecodeError, load_image
+from models.attention import AttentionStepper
 from models.decoding import Hypothesis, MergeStepper, beam_search
+from models.inject import InjectStepper
 from models.rundir import CaptionRun, RunDirError
 
 ENCODE_BATCH = 32
@@ -20,6 +22,8 @@ class Caption:
     image: str
     caption: str
     beams: list[tuple[str, float]]  # (caption, summed log-probability), best first
+    # attention decoders, when asked: the weights over the (H, W) regions for each word of `caption`
+    attention: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"image": self.image, "caption": self.caption,
@@ -28,7 +32,7 @@ class Caption:
 
 def make_stepper(run: CaptionRun):
     """Return the one-token step function for the run's decoder."""
-    steppers = {"merge": MergeStepper}
+    steppers = {"merge": MergeStepper, "inject": InjectStepper, "attention": AttentionStepper}
     decoder = run.model_config.decoder
     if decoder not in steppers:
         raise RunDirError(f"{run.path}: decoder {decoder!r} is not known to this version")
@@ -51,6 +55,12 @@ class Captioner:
                 f"{run.path}: the model expects {run.model_config.feature_dim}-d features but encoder "
                 f"{encoder} gives {self.spec.dim}-d"
             )
+        self.reads_regions = run.model_config.reads_regions
+        if self.reads_regions and tuple(self.spec.spatial_shape) != run.model_config.spatial_shape:
+            raise RunDirError(
+                f"{run.path}: the model expects {run.model_config.spatial_shape} spatial maps but encoder "
+                f"{encoder} gives {tuple(self.spec.spatial_shape)}"
+            )
         self.encoder_weights = encoder_weights or run.config.get("weights", "imagenet")
         self._encoder = None
         self.stepper = make_stepper(run)
@@ -58,18 +68,27 @@ class Captioner:
     @property
     def encoder(self):
         if self._encoder is None:  # built on first use: captioning from stored features needs none
-            self._encoder = build_encoder(self.spec.name, self.encoder_weights)
+            self._encoder = build_encoder(self.spec.name, self.encoder_weights, spatial=self.reads_regions)
         return self._encoder
 
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one image's features as the decoder reads them: (D,) or the spatial map (H, W, C)."""
+        return tuple(self.spec.spatial_shape) if self.reads_regions else (self.spec.dim,)
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """Return pooled features for (N, S, S, 3) pixel arrays, encoded in fixed-size batches."""
+        """Return the decoder's features for (N, S, S, 3) pixel arrays, encoded in fixed-size batches:
+        pooled vectors, or spatial maps for an attention decoder."""
         out = []
         for start in range(0, len(pixels), ENCODE_BATCH):
             chunk = self.spec.preprocess(pixels[start : start + ENCODE_BATCH])
             padded = np.zeros((ENCODE_BATCH, *chunk.shape[1:]), dtype=np.float32)
             padded[: len(chunk)] = chunk
-            out.append(np.asarray(self.encoder.predict_on_batch(padded))[: len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, self.spec.dim), np.float32)
+            outputs = self.encoder.predict_on_batch(padded)
+            # Round the maps through float16 as the store does, so stored and fresh features agree.
+            features = np.asarray(outputs[1], np.float16).astype(np.float32) if self.reads_regions else outputs
+            out.append(np.asarray(features)[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
 
     def decode(self, features: np.ndarray, beam: int = 3, max_length: int | None = None,
                length_penalty: float = 0.0) -> list[list[Hypothesis]]:
@@ -79,15 +98,27 @@ class Captioner:
                            length_penalty=length_penalty)
 
     def caption_features(self, names: list[str], features: np.ndarray, beam: int = 3,
-                         max_length: int | None = None, length_penalty: float = 0.0) -> list[Caption]:
+                         max_length: int | None = None, length_penalty: float = 0.0,
+                         attention: bool = False) -> list[Caption]:
+        """Return the captions of precomputed features; with `attention`, each word's attention weights."""
+        if attention and not isinstance(self.stepper, AttentionStepper):
+            raise RunDirError(f"{self.run.path}: the {self.run.model_config.decoder} decoder has no attention "
+                              "weights to show; train a run with --decoder attention")
         results = []
-        for name, hypotheses in zip(names, self.decode(features, beam, max_length, length_penalty)):
+        decoded = self.decode(features, beam, max_length, length_penalty)
+        for name, hypotheses in zip(names, decoded):
             beams = [(" ".join(self.vocabulary.decode(h.tokens)), h.log_prob) for h in hypotheses]
             results.append(Caption(name, beams[0][0], beams))
+        if attention:
+            best = [hypotheses[0].tokens for hypotheses in decoded]
+            height, width = self.spec.spatial_shape[:2]
+            for result, weights in zip(results, self.stepper.attention_weights(features, best), strict=True):
+                words = len(result.caption.split())  # the weights of <end> are left out
+                result.attention = weights[:words].reshape(words, height, width)
         return results
 
     def caption_files(self, paths: list[str | Path], beam: int = 3, max_length: int | None = None,
-                      length_penalty: float = 0.0) -> tuple[list[Caption], dict[str, str]]:
+                      length_penalty: float = 0.0, attention: bool = False) -> tuple[list[Caption], dict[str, str]]:
         """Return (captions of the readable images, {path: reason} for the unreadable ones)."""
         pixels, names, errors = [], [], {}
         for path in paths:
@@ -99,4 +130,4 @@ class Captioner:
         if not pixels:
             return [], errors
         features = self.encode(np.stack(pixels))
-        return self.caption_features(names, features, beam, max_length, length_penalty), errors
+        return self.caption_features(names, features, beam, max_length, length_penalty, attention), errors

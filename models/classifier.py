@@ -1,7 +1,8 @@
 """Image-classifier heads on encoder features, their run directory, and classifying photos.
 
-dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, softmax)
+dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, softmax)   (units=0: no hidden layer)
 gru:   spatial map (H, W, C) -> Reshape (H*W regions, C) -> Dropout -> GRU(rnn_units) -> Dense(classes, softmax)
+An L2 penalty (`l2`), if set, applies to every kernel of the head.
 
 RUN_DIR/model.keras    best head (no optimizer state)
 RUN_DIR/classes.json   class names in output order
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 
 from features.encoders import EncoderSpec, build_encoder, get_encoder_spec
 from features.extract import ExtractionReport, extract_features
@@ -43,9 +44,10 @@ class ClassifierConfig:
     feature_dim: int  # pooled vector size, from the encoder
     spatial_shape: tuple[int, int, int]  # (H, W, C) of the spatial map, from the encoder
     head: str = "dense"  # dense | gru
-    units: int = 256  # dense head: hidden layer width
+    units: int = 256  # dense head: hidden layer width; 0 = no hidden layer (softmax on the features)
     rnn_units: int = 128  # gru head: GRU state size
     dropout: float = 0.5
+    l2: float = 0.0  # weight of the L2 penalty on every kernel; 0 = none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,12 +64,21 @@ class ClassifierConfig:
         return self.head == "gru"
 
 
+def _penalty(config: ClassifierConfig) -> keras.regularizers.Regularizer | None:
+    return keras.regularizers.L2(config.l2) if config.l2 else None
+
+
 def build_dense_head(config: ClassifierConfig) -> keras.Model:
     """Return the dense head: pooled vectors (B, D) -> class probabilities (B, classes)."""
     features = keras.Input((config.feature_dim,), name="features")
     hidden = layers.Dropout(config.dropout, name="dropout")(features)
-    hidden = layers.Dense(config.units, activation="relu", name="hidden")(hidden)
-    outputs = layers.Dense(config.num_classes, activation="softmax", name="classes")(hidden)
+    if config.units:
+        hidden = layers.Dense(config.units, activation="relu", kernel_regularizer=_penalty(config), name="hidden")(
+            hidden
+        )
+    outputs = layers.Dense(
+        config.num_classes, activation="softmax", kernel_regularizer=_penalty(config), name="classes"
+    )(hidden)
     return keras.Model(features, outputs, name="dense_classifier")
 
 
@@ -77,8 +88,12 @@ def build_gru_head(config: ClassifierConfig) -> keras.Model:
     maps = keras.Input((height, width, channels), name="features")
     regions = layers.Reshape((height * width, channels), name="regions")(maps)
     regions = layers.Dropout(config.dropout, name="dropout")(regions)
-    state = layers.GRU(config.rnn_units, name="gru")(regions)
-    outputs = layers.Dense(config.num_classes, activation="softmax", name="classes")(state)
+    state = layers.GRU(
+        config.rnn_units, kernel_regularizer=_penalty(config), recurrent_regularizer=_penalty(config), name="gru"
+    )(regions)
+    outputs = layers.Dense(
+        config.num_classes, activation="softmax", kernel_regularizer=_penalty(config), name="classes"
+    )(state)
     return keras.Model(maps, outputs, name="gru_classifier")
 
 
@@ -91,14 +106,37 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
         raise ClassifierError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
     if config.num_classes < 2:
         raise ClassifierError(f"a classifier needs at least 2 classes, got {config.num_classes}")
+    if config.units < 0 or config.rnn_units < 1:
+        raise ClassifierError(f"units must be >= 0 and rnn_units >= 1, got {config.units} and {config.rnn_units}")
+    if not 0 <= config.dropout < 1 or config.l2 < 0:
+        raise ClassifierError(f"dropout must be in [0, 1) and l2 >= 0, got {config.dropout} and {config.l2}")
     return HEADS[config.head](config)
 
 
-def compile_classifier(model: keras.Model, learning_rate: float) -> None:
+def classification_loss(label_smoothing: float = 0.0):
+    """Return cross-entropy on class indices, with the one-hot targets smoothed by `label_smoothing`.
+
+    Keras's sparse cross-entropy has no smoothing, so smoothed targets are built from the indices here
+    and the batches keep serving plain class indices either way.
+    """
+    if not 0 <= label_smoothing < 1:
+        raise ClassifierError(f"label smoothing must be in [0, 1), got {label_smoothing}")
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def smoothed_cross_entropy(labels, probabilities):
+        classes = ops.shape(probabilities)[-1]
+        targets = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), classes)
+        return keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=label_smoothing)
+
+    return smoothed_cross_entropy
+
+
+def compile_classifier(model: keras.Model, learning_rate: float, label_smoothing: float = 0.0) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        loss=classification_loss(label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
 
 

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features.augment import augment_pixels, augmented_sources, original_id
+from features.augment import AUGMENTATIONS, augment_pixels, augmented_sources, original_id
 from features.encoders import get_encoder_spec
 from models.classifier import (
     CLASSES_FILE,
@@ -44,18 +44,31 @@ from pipeline.classes import LabelledBatches, load_class_folder, stratified_spli
 @dataclass
 class ClassifierTrainingOptions:
     head: str = "dense"
-    augment: bool = False
+    augmentations: list[str] = field(default_factory=list)  # names from features.augment; [] = none
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
-    seed: int = 0  # weights, shuffling and the train/validation split
+    seed: int = 0  # weights, shuffling and (unless split_seed is set) the train/validation split
+    split_seed: int | None = None  # the train/validation split alone; None = seed
     validation_fraction: float = 0.2
     patience: int = 5
-    units: int = 256
+    units: int = 256  # dense head; 0 = no hidden layer
     rnn_units: int = 128
     dropout: float = 0.5
+    l2: float = 0.0
+    label_smoothing: float = 0.0
     encoder: str = "efficientnet_lite0"
     weights: str = "imagenet"
+
+    def check(self) -> None:
+        """Raise ClassifierError for a training option no run could use (the head checks its own)."""
+        unknown = sorted(set(self.augmentations) - set(AUGMENTATIONS))
+        if unknown:
+            raise ClassifierError(
+                f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ClassifierError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -91,35 +104,38 @@ def train_classifier(
     run_dir = Path(run_dir)
     if (run_dir / MODEL_FILE).exists() or (run_dir / HISTORY_FILE).exists():
         raise ClassifierError(f"{run_dir} already holds a training run; choose another --out")
+    options.check()
     spec = get_encoder_spec(options.encoder)
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
     folder = load_class_folder(data_dir)
-    store_path = Path(features) if features else default_store_path(data_dir, options.encoder)
-    needs_spatial = options.head == "gru"
-    store, report = ensure_features(
-        folder.sources, store_path, options.encoder, options.weights, needs_spatial, progress=progress
-    )
-    usable = [i for i in folder.sources if i in store.features]
-    train_ids, validation_ids = stratified_split(usable, folder.labels, options.validation_fraction, options.seed)
-
+    # Built before extraction, so a head that cannot be built fails in a second, not after minutes.
     config = ClassifierConfig(
         num_classes=len(folder.classes),
-        feature_dim=store.dim,
+        feature_dim=spec.dim,
         spatial_shape=tuple(spec.spatial_shape),
         head=options.head,
         units=options.units,
         rnn_units=options.rnn_units,
         dropout=options.dropout,
+        l2=options.l2,
     )
     model = build_classifier(config)
+    store_path = Path(features) if features else default_store_path(data_dir, options.encoder)
+    needs_spatial = config.needs_spatial
+    store, report = ensure_features(
+        folder.sources, store_path, options.encoder, options.weights, needs_spatial, progress=progress
+    )
+    usable = [i for i in folder.sources if i in store.features]
+    split_seed = options.seed if options.split_seed is None else options.split_seed
+    train_ids, validation_ids = stratified_split(usable, folder.labels, options.validation_fraction, split_seed)
     train_inputs = head_inputs(store, store_path, train_ids, needs_spatial)
     train_labels = np.array([folder.labels[i] for i in train_ids])
     augmented_ids: list[str] = []
     augmented_path = augmented_store_path(store_path)
-    if options.augment:
+    if options.augmentations:
         # Variants of the train images only, in their own store: validation never sees them.
-        variants = augmented_sources({i: folder.sources[i] for i in train_ids})
+        variants = augmented_sources({i: folder.sources[i] for i in train_ids}, options.augmentations)
         augmented, _ = ensure_features(
             variants,
             augmented_path,
@@ -136,13 +152,13 @@ def train_classifier(
     validation_inputs = head_inputs(store, store_path, validation_ids, needs_spatial)
     validation_labels = np.array([folder.labels[i] for i in validation_ids])
 
-    compile_classifier(model, options.learning_rate)
+    compile_classifier(model, options.learning_rate, options.label_smoothing)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CLASSES_FILE, folder.classes)
     write_json(
         run_dir / SPLIT_FILE,
         {
-            "seed": options.seed,
+            "seed": split_seed,
             "validation_fraction": options.validation_fraction,
             "train": train_ids,
             "validation": validation_ids,
@@ -157,13 +173,13 @@ def train_classifier(
             "spatial_shape": list(spec.spatial_shape),
             "head": options.head,
             "classes": folder.classes,
-            "split_seed": options.seed,
+            "split_seed": split_seed,
             "validation_fraction": options.validation_fraction,
             "model": config.to_dict(),
             "training": asdict(options),
             "data": str(Path(data_dir).resolve()),
             "features": str(store_path),
-            "augmented_features": str(augmented_path) if options.augment else None,
+            "augmented_features": str(augmented_path) if options.augmentations else None,
             "train_images": len(train_ids),
             "augmented_images": len(augmented_ids),
             "validation_images": len(validation_ids),
@@ -198,7 +214,7 @@ def train_classifier(
     save_model_without_optimizer(final, run_dir / MODEL_FILE)
     best_path.unlink(missing_ok=True)
     plot_history(run_dir / HISTORY_FILE, run_dir / CURVES_FILE)
-    compile_classifier(final, options.learning_rate)
+    compile_classifier(final, options.learning_rate, options.label_smoothing)
     loss, accuracy = final.evaluate(validation, verbose=0)
     return ClassifierTrainingResult(
         run_dir,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+REGION_DECODERS = {"attention"}  # decoders that read spatial maps (H, W, C) instead of one pooled vector
+
 
 @dataclass
 class CaptionModelConfig:
@@ -15,11 +17,24 @@ class CaptionModelConfig:
     units: int = 256
     dropout: float = 0.5
     cell: str = "lstm"  # lstm | gru
+    freeze_embeddings: bool = False  # keep pretrained word vectors fixed during training
+    # attention only: the encoder's spatial map (H, W, C), read from the store, and the weight of the
+    # doubly stochastic regularisation (Show, Attend and Tell): each region attended about once per caption
+    spatial_shape: tuple[int, int, int] | None = None
+    attention_regularization: float = 1.0
+
+    @property
+    def reads_regions(self) -> bool:
+        """True when the decoder reads spatial maps (H, W, C) instead of one pooled vector per image."""
+        return self.decoder in REGION_DECODERS
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CaptionModelConfig":
+    def from_dict(cls, data: dict) -> CaptionModelConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        if config.spatial_shape is not None:  # a JSON list after a round trip through config.json
+            config.spatial_shape = tuple(int(n) for n in config.spatial_shape)
+        return config

@@ -14,18 +14,55 @@ import numpy as np
 import tensorflow as tf
 
 
-class MergeStepper:
-    """One-token steps of a trained merge model, sharing its layers (and so its weights)."""
+class Stepper:
+    """One-token steps of a trained decoder, sharing its layers (and so its weights).
+
+    Every decoder's stepper has the same interface, so greedy and beam search work with any of them:
+    `start(features) -> state` and `step(tokens, state) -> (log-probabilities (B, V), state)`, where
+    the state is a list of tensors whose rows are images x beams. Subclasses trace `_start_impl` and
+    `_step_impl`; the last two layers of every decoder are `hidden` and `next_word`.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.embedding = model.get_layer("embedding")
+        self.hidden = model.get_layer("hidden")
+        self.next_word = model.get_layer("next_word")
+        self._start = tf.function(self._start_impl, reduce_retracing=True)
+        self._step = tf.function(self._step_impl, reduce_retracing=True)
+
+    def word_vectors(self, tokens):
+        # Look the vectors up directly: calling the Embedding layer would attach a mask the cell ignores.
+        return tf.gather(self.embedding.embeddings, tokens)
+
+    def log_probabilities(self, hidden_input):
+        """Return next-word log-probabilities (B, V) from what the model feeds its `hidden` layer."""
+        logits = tf.matmul(self.hidden(hidden_input), self.next_word.kernel) + self.next_word.bias
+        return tf.nn.log_softmax(logits)
+
+    def _start_impl(self, features):
+        raise NotImplementedError
+
+    def _step_impl(self, tokens, state):
+        raise NotImplementedError
+
+    def start(self, features: np.ndarray) -> list:
+        """Return the initial decoder state for a batch of image features."""
+        return self._start(tf.convert_to_tensor(features, tf.float32))
+
+    def step(self, tokens: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        """Return (log-probabilities of the next word (B, V), the new state) after feeding `tokens`."""
+        log_probs, state = self._step(tf.convert_to_tensor(tokens, tf.int32), state)[:2]
+        return log_probs.numpy(), state
+
+
+class MergeStepper(Stepper):
+    """Steps of the merge model: the image vector is added to the RNN output at every step."""
 
     def __init__(self, model: keras.Model):
         self.image_dense = model.get_layer("image_dense")
-        self.embedding = model.get_layer("embedding")
         self.cell = model.get_layer("rnn").cell
-        self.hidden = model.get_layer("hidden")
-        self.next_word = model.get_layer("next_word")
         self.is_lstm = isinstance(model.get_layer("rnn"), keras.layers.LSTM)
-        self._start = tf.function(self._start_impl, reduce_retracing=True)
-        self._step = tf.function(self._step_impl, reduce_retracing=True)
+        super().__init__(model)
 
     def _start_impl(self, features):
         context = self.image_dense(features)
@@ -34,21 +71,8 @@ class MergeStepper:
 
     def _step_impl(self, tokens, state):
         context, recurrent = state[0], list(state[1:])
-        # Look the vectors up directly: calling the Embedding layer would attach a mask the cell ignores.
-        words = tf.gather(self.embedding.embeddings, tokens)
-        output, recurrent = self.cell(words, recurrent, training=False)
-        hidden = self.hidden(context + output)
-        logits = tf.matmul(hidden, self.next_word.kernel) + self.next_word.bias
-        return tf.nn.log_softmax(logits), [context, *recurrent]
-
-    def start(self, features: np.ndarray) -> list:
-        """Return the initial decoder state for a batch of image features."""
-        return self._start(tf.convert_to_tensor(features, tf.float32))
-
-    def step(self, tokens: np.ndarray, state: list) -> tuple[np.ndarray, list]:
-        """Return (log-probabilities of the next word (B, V), the new state) after feeding `tokens`."""
-        log_probs, state = self._step(tf.convert_to_tensor(tokens, tf.int32), state)
-        return log_probs.numpy(), state
+        output, recurrent = self.cell(self.word_vectors(tokens), recurrent, training=False)
+        return self.log_probabilities(context + output), [context, *recurrent]
 
 
 def reorder_state(state: list, indices: np.ndarray) -> list:

@@ -11,7 +11,7 @@ import numpy as np
 
 from features.extract import decoded_batches
 from features.images import ImageDecodeError, load_image
-from features.store import FeatureStore, FeatureStoreError
+from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
 from models.captioner import Captioner
 from models.rundir import write_json
 from pipeline.captions import load_captions, load_split
@@ -43,7 +43,8 @@ class EvaluationReport:
 
 
 def _stored_features(captioner: Captioner, features: Path | None, ids: list[str]) -> np.ndarray | None:
-    """Return the ids' vectors from a feature store made by the run's encoder, or None."""
+    """Return the ids' features (vectors, or spatial maps for an attention decoder) from a feature store
+    made by the run's encoder, or None."""
     if features is None or not Path(features).is_file():
         return None
     try:
@@ -54,6 +55,15 @@ def _stored_features(captioner: Captioner, features: Path | None, ids: list[str]
         return None
     if not all(i in store.features for i in ids):
         return None
+    if captioner.reads_regions:
+        try:
+            maps = SpatialMaps(spatial_path(features))
+        except FeatureStoreError:
+            return None
+        try:
+            return maps.get(ids) if all(i in maps.index for i in ids) else None
+        finally:
+            maps.close()
     return store.matrix(ids)
 
 
@@ -66,7 +76,7 @@ def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -
         if good:
             kept += [i for i, _ in good]
             chunks.append(captioner.encode(np.stack([p for _, p in good])))
-    return (np.concatenate(chunks) if chunks else np.zeros((0, captioner.spec.dim), np.float32)), kept
+    return (np.concatenate(chunks) if chunks else np.zeros((0, *captioner.feature_shape), np.float32)), kept
 
 
 def evaluate_captions(captioner: Captioner, data_dir: str | Path, split: str = "dev", beam: int = 3,

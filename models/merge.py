@@ -21,6 +21,12 @@ def recurrent_layer(config: CaptionModelConfig, **kwargs) -> layers.Layer:
     return cells[config.cell](config.units, name="rnn", **kwargs)
 
 
+def embedding_layer(config: CaptionModelConfig) -> layers.Layer:
+    """Return the word embedding (id 0 = padding, masked), frozen when the config asks for fixed vectors."""
+    return layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True,
+                            trainable=not config.freeze_embeddings, name="embedding")
+
+
 def build_merge_model(config: CaptionModelConfig) -> keras.Model:
     """Return the merge model: ({"image": (B, D), "words": (B, T)}) -> next-word probabilities (B, T, V)."""
     image = keras.Input((config.feature_dim,), name="image")
@@ -28,7 +34,7 @@ def build_merge_model(config: CaptionModelConfig) -> keras.Model:
     image_vector = layers.Dense(config.units, activation="relu", name="image_dense")(
         layers.Dropout(config.dropout, name="image_dropout")(image)
     )
-    text = layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True, name="embedding")(words)
+    text = embedding_layer(config)(words)
     text = layers.Dropout(config.dropout, name="text_dropout")(text)
     text = recurrent_layer(config, return_sequences=True)(text)
     # The image vector is the same at every position: broadcast it along time before adding.

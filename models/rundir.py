@@ -14,7 +14,8 @@ from pathlib import Path
 
 import keras
 
-import models.merge  # noqa: F401  (registers the custom layers for loading)
+import models.attention  # noqa: F401  (registers the custom layers for loading)
+import models.merge  # noqa: F401
 from features.store import atomic_write_bytes
 from models.config import CaptionModelConfig
 from pipeline.vocabulary import Vocabulary, VocabularyError

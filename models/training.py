@@ -14,16 +14,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features.store import FeatureStore
-from models.config import CaptionModelConfig
+from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
+from models.attention import build_attention_model
+from models.config import REGION_DECODERS, CaptionModelConfig
+from models.inject import build_inject_model
 from models.merge import build_merge_model
 from models.rundir import (
-    CURVES_FILE, HISTORY_FILE, MODEL_FILE, VOCABULARY_FILE, RunDirError, save_model_without_optimizer,
-    save_run_config, write_json,
+    CURVES_FILE, HISTORY_FILE, MODEL_FILE, VOCABULARY_FILE, read_run_config,
+    save_model_without_optimizer, save_run_config, write_json,
 )
 from pipeline.batches import CaptionSequence, encode_captions
 from pipeline.captions import SplitCaptions, load_captions, load_split, select_split
+from pipeline.embeddings import EmbeddingCoverage, WordVectors, embedding_matrix, read_word_vectors
 from pipeline.vocabulary import Vocabulary
+
+# decoder name -> model builder; the matching steppers are in models.captioner.make_stepper
+DECODERS = {"merge": build_merge_model, "inject": build_inject_model, "attention": build_attention_model}
 
 CHECKPOINT_FILE, STATE_FILE = "last_epoch.keras", "last_epoch.json"
 
@@ -40,6 +46,8 @@ class TrainingOptions:
     min_count: int = 5
     seed: int = 0
     patience: int = 5
+    embeddings: str | None = None  # GloVe-format text file to initialise the word embedding from
+    limit_train: int | None = None  # train on the first N images of the train split only (quick comparisons)
 
 
 @dataclass
@@ -53,11 +61,13 @@ class CaptionData:
 
 
 def prepare_caption_data(store: FeatureStore, data_dir: str | Path, min_count: int,
-                         vocabulary: Vocabulary | None = None) -> CaptionData:
-    """Return train/dev captions restricted to images with features, and the train vocabulary."""
+                         vocabulary: Vocabulary | None = None, regions: SpatialMaps | None = None,
+                         limit_train: int | None = None) -> CaptionData:
+    """Return train/dev captions restricted to images with features (and spatial maps, when given),
+    and the train vocabulary."""
     captions = load_captions(data_dir)
-    available = set(store.features)
-    train = select_split(captions, load_split(data_dir, "train"), available)
+    available = set(store.features) if regions is None else set(store.features) & set(regions.index)
+    train = select_split(captions, load_split(data_dir, "train")[:limit_train], available)
     dev = select_split(captions, load_split(data_dir, "dev"), available)
     if not train.image_ids:
         raise TrainingError(f"no train-split image of {data_dir} has features in the store")
@@ -69,19 +79,41 @@ def prepare_caption_data(store: FeatureStore, data_dir: str | Path, min_count: i
 
 
 def caption_sequence(store: FeatureStore, split: SplitCaptions, data: CaptionData, batch_size: int,
-                     shuffle: bool, seed: int = 0) -> CaptionSequence:
-    """Return the batch generator for one split."""
+                     shuffle: bool, seed: int = 0, regions: SpatialMaps | None = None) -> CaptionSequence:
+    """Return the batch generator for one split: pooled vectors as "image", or, given `regions`, the
+    spatial maps read batch by batch from the HDF5 file as "regions"."""
     rows, sequences = encode_captions(split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
-    return CaptionSequence(store.matrix(split.image_ids), rows, sequences, data.max_caption_length,
-                           batch_size=batch_size, shuffle=shuffle, seed=seed)
+    if regions is None:
+        return CaptionSequence(store.matrix(split.image_ids), rows, sequences, data.max_caption_length,
+                               batch_size=batch_size, shuffle=shuffle, seed=seed)
+    ids = split.image_ids
+    return CaptionSequence(None, rows, sequences, data.max_caption_length, batch_size=batch_size,
+                           shuffle=shuffle, seed=seed,
+                           extra_inputs={"regions": lambda image_rows: regions.get([ids[r] for r in image_rows])})
+
+
+def open_spatial_maps(store: FeatureStore, features: str | Path) -> SpatialMaps:
+    """Return the spatial maps stored beside the feature store, checked against its encoder."""
+    maps = SpatialMaps(spatial_path(features))
+    expected = store.metadata.get("spatial_shape")
+    if expected is not None and tuple(expected) != maps.shape:
+        raise FeatureStoreError(f"{maps.path}: maps of shape {maps.shape}, but {store.encoder} gives {tuple(expected)}")
+    return maps
 
 
 def build_caption_model(config: CaptionModelConfig) -> keras.Model:
     """Return the decoder named by `config.decoder`."""
-    builders = {"merge": build_merge_model}
-    if config.decoder not in builders:
-        raise TrainingError(f"unknown decoder {config.decoder!r}; choose one of {', '.join(builders)}")
-    return builders[config.decoder](config)
+    if config.decoder not in DECODERS:
+        raise TrainingError(f"unknown decoder {config.decoder!r}; choose one of {', '.join(DECODERS)}")
+    return DECODERS[config.decoder](config)
+
+
+def initialise_embeddings(model: keras.Model, vocabulary: Vocabulary, vectors: WordVectors) -> EmbeddingCoverage:
+    """Copy the pretrained vectors into the model's embedding rows of known words (others stay random)."""
+    layer = model.get_layer("embedding")
+    matrix, coverage = embedding_matrix(vocabulary, vectors, np.asarray(layer.embeddings))
+    layer.embeddings.assign(matrix)
+    return coverage
 
 
 def compile_caption_model(model: keras.Model, learning_rate: float) -> None:
@@ -175,11 +207,16 @@ def train_caption_model(
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
 
+    model_options = dict(read_run_config(run_dir)["model"] if resume else model_options or {})
+    decoder = model_options.get("decoder", "merge")
+    if decoder not in DECODERS:
+        raise TrainingError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
     store = FeatureStore.load(features)
+    regions = open_spatial_maps(store, features) if decoder in REGION_DECODERS else None
     vocabulary = Vocabulary.load(run_dir / VOCABULARY_FILE) if resume else None
-    data = prepare_caption_data(store, data_dir, options.min_count, vocabulary)
-    train = caption_sequence(store, data.train, data, options.batch_size, shuffle=True, seed=options.seed)
-    dev = caption_sequence(store, data.dev, data, options.batch_size, shuffle=False) if data.dev.image_ids else None
+    data = prepare_caption_data(store, data_dir, options.min_count, vocabulary, regions, options.limit_train)
+    train = caption_sequence(store, data.train, data, options.batch_size, True, options.seed, regions)
+    dev = caption_sequence(store, data.dev, data, options.batch_size, False, 0, regions) if data.dev.image_ids else None
 
     initial_epoch, best = 0, None
     if resume:
@@ -190,11 +227,23 @@ def train_caption_model(
         losses = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
         best = min(losses) if losses else None
     else:
+        vectors = read_word_vectors(options.embeddings, set(data.vocabulary.words)) if options.embeddings else None
+        if vectors is not None:
+            if model_options.get("embedding_dim", vectors.dim) != vectors.dim:
+                raise TrainingError(f"{options.embeddings} holds {vectors.dim}-d vectors but the embedding is "
+                                    f"{model_options['embedding_dim']}-d; leave --embedding-dim out to use {vectors.dim}")
+            model_options["embedding_dim"] = vectors.dim
+        if regions is not None:
+            model_options["spatial_shape"] = regions.shape
         config = CaptionModelConfig(
             vocab_size=len(data.vocabulary), max_caption_length=data.max_caption_length,
-            feature_dim=store.dim, **(model_options or {}),
+            feature_dim=store.dim, **model_options,
         )
         model = build_caption_model(config)
+        coverage = initialise_embeddings(model, data.vocabulary, vectors) if vectors is not None else None
+        if coverage is not None and verbose != 0:
+            print(f"word vectors: {coverage.found} of {coverage.words} vocabulary words ({coverage.fraction:.1%}) "
+                  f"found in {options.embeddings}" + (", frozen" if config.freeze_embeddings else ""))
         compile_caption_model(model, options.learning_rate)
         run_dir.mkdir(parents=True, exist_ok=True)
         data.vocabulary.save(run_dir / VOCABULARY_FILE)
@@ -211,6 +260,8 @@ def train_caption_model(
             "train_images": len(data.train.image_ids),
             "dev_images": len(data.dev.image_ids),
             "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
+            **({"embeddings": {"file": str(options.embeddings), "dim": vectors.dim,
+                               "frozen": config.freeze_embeddings, **coverage.to_dict()}} if coverage else {}),
         })
 
     monitor = "val_loss" if dev is not None else "loss"
@@ -232,6 +283,8 @@ def train_caption_model(
     history = model.fit(train, validation_data=dev, epochs=options.epochs, initial_epoch=initial_epoch,
                         callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - started
+    if regions is not None:
+        regions.close()
     # EarlyStopping restored the best weights only if it stopped early; the best file is the truth.
     best_path = run_dir / f".best.{MODEL_FILE}"
     final = keras.saving.load_model(best_path, compile=False) if best_path.is_file() else model

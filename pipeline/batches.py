@@ -44,12 +44,13 @@ class CaptionSequence(keras.utils.PyDataset):
     """Batches of ({"image": features, "words": inputs}, next words, weights) for `model.fit`.
 
     `inputs` is each caption without its last token, `next words` the caption shifted by one; the
-    weights are 1 on real words and 0 on padding. Reshuffles caption order every epoch.
+    weights are 1 on real words and 0 on padding. Reshuffles caption order every epoch. With
+    `features=None` there is no "image" input: a decoder that reads only `extra_inputs` (spatial maps).
     """
 
     def __init__(
         self,
-        features: np.ndarray,
+        features: np.ndarray | None,
         image_rows: np.ndarray,
         sequences: list[list[int]],
         max_caption_length: int,
@@ -79,7 +80,9 @@ class CaptionSequence(keras.utils.PyDataset):
         chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         tokens = pad_batch([self.sequences[i] for i in chosen], self.max_caption_length)
         rows = self.image_rows[chosen]
-        inputs = {"image": self.features[rows], "words": tokens[:, :-1]}
+        inputs = {"words": tokens[:, :-1]}
+        if self.features is not None:
+            inputs["image"] = self.features[rows]
         for name, lookup in self.extra_inputs.items():
             inputs[name] = lookup(rows)
         targets = tokens[:, 1:]

@@ -74,3 +74,27 @@ def tiny_run(tiny_flickr, tiny_store, tmp_path_factory) -> Path:
     model_options = {"units": 16, "embedding_dim": 8, "dropout": 0.1}
     train_caption_model(tiny_store, tiny_flickr, run_dir, options, model_options, verbose=0)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_spatial_store(tiny_flickr, tmp_path_factory) -> Path:
+    """Like tiny_store, with the 7x7x1280 spatial maps beside it (extract_features.py --spatial)."""
+    from features.extract import extract_features
+    from pipeline.captions import image_sources
+
+    out = tmp_path_factory.mktemp("spatial_store") / "tiny.pkl"
+    sources, _ = image_sources(tiny_flickr)
+    extract_features(sources, out, "efficientnet_lite0", None, batch_size=8, spatial=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_attention_run(tiny_flickr, tiny_spatial_store, tmp_path_factory) -> Path:
+    """An attention model trained for a few short epochs on the tiny folder's spatial maps."""
+    from models.training import TrainingOptions, train_caption_model
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny_attention"
+    options = TrainingOptions(epochs=6, batch_size=8, learning_rate=1e-2, min_count=1, seed=1, patience=20)
+    model_options = {"decoder": "attention", "cell": "gru", "units": 16, "embedding_dim": 8, "dropout": 0.1}
+    train_caption_model(tiny_spatial_store, tiny_flickr, run_dir, options, model_options, verbose=0)
+    return run_dir
