@@ -16,6 +16,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from models.captioner import DEFAULT_LENGTH_PENALTY
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder")
     parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     parser.add_argument("--beam", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by logP / length**this")
+    parser.add_argument("--length-penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
+                        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--features", type=Path, help="feature store to reuse instead of encoding the images")
     parser.add_argument("--json", type=Path, help="write the full report (metrics, counts, captions) here")

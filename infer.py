@@ -15,6 +15,7 @@ from cli import clean_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from models.captioner import DEFAULT_LENGTH_PENALTY
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN.name})")
     parser.add_argument("--beam", type=int, default=3, help="beam width; 1 = greedy (default 3)")
     parser.add_argument("--max-length", type=int, help="longest caption in tokens (default: the run's)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by logP / length**this")
+    parser.add_argument("--length-penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
+                        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})")
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--attention-map", type=Path,

@@ -12,7 +12,7 @@ import numpy as np
 from features.extract import decoded_batches
 from features.images import ImageDecodeError, load_image
 from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
-from models.captioner import Captioner
+from models.captioner import DEFAULT_LENGTH_PENALTY, Captioner
 from models.rundir import write_json
 from pipeline.captions import load_captions, load_split
 from pipeline.metrics import coco_scores, nltk_corpus_bleu
@@ -81,7 +81,7 @@ def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -
 
 def evaluate_captions(captioner: Captioner, data_dir: str | Path, split: str = "dev", beam: int = 3,
                       limit: int | None = None, features: str | Path | None = None,
-                      length_penalty: float = 0.0) -> EvaluationReport:
+                      length_penalty: float = DEFAULT_LENGTH_PENALTY) -> EvaluationReport:
     """Caption every image of `split` that is on disk and score it against all its references."""
     started = time.perf_counter()
     data_dir = Path(data_dir)
