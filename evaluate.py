@@ -1,7 +1,7 @@
 """Score a caption run on a Flickr8k split with the COCO caption metrics.
 
-    python evaluate.py                                  # shipped model, dev split, beam 3
-    python evaluate.py --model runs/merge --split dev --beam 5 --json report.json --samples samples.png
+python evaluate.py                                  # shipped model, dev split, beam 3
+python evaluate.py --model runs/merge --split dev --beam 5 --json report.json --samples samples.png
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder")
     parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     parser.add_argument("--beam", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
-                        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})")
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--features", type=Path, help="feature store to reuse instead of encoding the images")
     parser.add_argument("--json", type=Path, help="write the full report (metrics, counts, captions) here")
@@ -48,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError):
         run = load_run(args.model)
         captioner = Captioner(run)
-        report = evaluate_captions(captioner, args.data, args.split, args.beam, args.limit, args.features,
-                                   args.length_penalty)
+        report = evaluate_captions(
+            captioner, args.data, args.split, args.beam, args.limit, args.features, args.length_penalty
+        )
     counts = report.counts
-    print(f"{args.model} on {args.data.name} {args.split} split, beam {args.beam}, length penalty "
-          f"{args.length_penalty}: {counts['captioned']} images captioned, {counts['missing_on_disk']} missing "
-          f"on disk, {counts['unreadable']} unreadable, {counts['no_captions']} without captions")
+    print(
+        f"{args.model} on {args.data.name} {args.split} split, beam {args.beam}, length penalty "
+        f"{args.length_penalty}: {counts['captioned']} images captioned, {counts['missing_on_disk']} missing "
+        f"on disk, {counts['unreadable']} unreadable, {counts['no_captions']} without captions"
+    )
     for name, value in {**report.metrics, **report.secondary}.items():
         print(f"  {name:12s} {value:.4f}")
     if args.json:

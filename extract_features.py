@@ -1,7 +1,7 @@
 """Extract encoder features for a folder of images into a feature store.
 
-    python extract_features.py                       # Flickr8k in ../shared, efficientnet_lite0
-    python extract_features.py --data DIR --encoder vgg16 --weights vgg16.h5 --spatial
+python extract_features.py                       # Flickr8k in ../shared, efficientnet_lite0
+python extract_features.py --data DIR --encoder vgg16 --weights vgg16.h5 --spatial
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from features.encoders import DEFAULT_ENCODER, ENCODERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="Flickr8k-style folder (Images/ + caption file) or any folder of images")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="Flickr8k-style folder (Images/ + caption file) or any folder of images",
+    )
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(ENCODERS))
     parser.add_argument("--weights", default="imagenet", help="imagenet | PATH to a Keras weights file | none")
     parser.add_argument("--out", type=Path, help="feature store (default features/store/<data>_<encoder>.pkl)")
@@ -44,12 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     with clean_errors(EncoderError, FeatureStoreError, CaptionFileError, OSError):
         sources, missing = image_sources(args.data)
         out = args.out or Path("features") / "store" / f"{args.data.name}_{args.encoder}.pkl"
-        report = extract_features(sources, out, args.encoder, args.weights, args.batch_size, args.spatial,
-                                  args.flush_every, progress=not args.no_progress)
-    print(f"{out}: {report.extracted} extracted ({report.images_per_second:.1f} images/s), "
-          f"{report.already_present} already present, {len(report.failed)} unreadable, "
-          f"{len(missing)} listed in the caption file but missing")
-    for image_id, reason in sorted(report.failed.items())[:20]:
+        report = extract_features(
+            sources,
+            out,
+            args.encoder,
+            args.weights,
+            args.batch_size,
+            args.spatial,
+            args.flush_every,
+            progress=not args.no_progress,
+        )
+    print(
+        f"{out}: {report.extracted} extracted ({report.images_per_second:.1f} images/s), "
+        f"{report.already_present} already present, {len(report.failed)} unreadable, "
+        f"{len(missing)} listed in the caption file but missing"
+    )
+    for _, reason in sorted(report.failed.items())[:20]:
         print(f"  skipped {reason}", file=sys.stderr)
     if len(report.failed) > 20:
         print(f"  ... and {len(report.failed) - 20} more unreadable", file=sys.stderr)

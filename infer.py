@@ -1,7 +1,7 @@
 """Caption photos with a trained run (default: the model shipped in pretrained/).
 
-    python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json] [--classifier RUN_DIR]
-    python infer.py photo.jpg --model runs/attention --attention-map out.png   # one panel per word
+python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json] [--classifier RUN_DIR]
+python infer.py photo.jpg --model runs/attention --attention-map out.png   # one panel per word
 """
 
 from __future__ import annotations
@@ -23,13 +23,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN.name})")
     parser.add_argument("--beam", type=int, default=3, help="beam width; 1 = greedy (default 3)")
     parser.add_argument("--max-length", type=int, help="longest caption in tokens (default: the run's)")
-    parser.add_argument("--length-penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
-                        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})")
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
+    )
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    parser.add_argument("--attention-map", type=Path,
-                        help="attention runs: draw each word's attention over the image to this PNG "
-                             "(several images: one PNG each, named OUT_<image>.png)")
+    parser.add_argument(
+        "--attention-map",
+        type=Path,
+        help="attention runs: draw each word's attention over the image to this PNG "
+        "(several images: one PNG each, named OUT_<image>.png)",
+    )
     parser.add_argument("--classifier", type=Path, help="image-classifier run (classify.py train): add its class")
     args = parser.parse_args(argv)
     if args.beam < 1:
@@ -53,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             from models.classifier import classify_files, load_classifier_run
 
             classifier = load_classifier_run(args.classifier)
-        captions, errors = captioner.caption_files(args.images, args.beam, args.max_length, args.length_penalty,
-                                                   attention=args.attention_map is not None)
+        captions, errors = captioner.caption_files(
+            args.images, args.beam, args.max_length, args.length_penalty, attention=args.attention_map is not None
+        )
         if args.attention_map:
             from models.attention import draw_attention_map
 
@@ -62,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.attention_map
                 if len(args.images) > 1:
                     out = out.with_name(f"{out.stem}_{Path(caption.image).stem}{out.suffix or '.png'}")
-                draw_attention_map(load_image(caption.image, captioner.spec.input_size), caption.caption.split(),
-                                   caption.attention, out)
+                draw_attention_map(
+                    load_image(caption.image, captioner.spec.input_size),
+                    caption.caption.split(),
+                    caption.attention,
+                    out,
+                )
         classes = {}
         if classifier is not None and captions:
             classes = {c.image: c for c in classify_files(classifier, [c.image for c in captions])[0]}
-    for path, reason in errors.items():
+    for reason in errors.values():
         print(f"error: {reason}", file=sys.stderr)
     if args.json:
         results = [c.to_dict() for c in captions]
@@ -75,9 +87,17 @@ def main(argv: list[str] | None = None) -> int:
             if result["image"] in classes:
                 label = classes[result["image"]]
                 result.update({"class": label.label, "probability": round(label.probability, 4)})
-        print(json.dumps({"model": str(args.model), "beam": args.beam,
-                          "results": results,
-                          "errors": [{"image": p, "error": r} for p, r in errors.items()]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "beam": args.beam,
+                    "results": results,
+                    "errors": [{"image": p, "error": r} for p, r in errors.items()],
+                },
+                indent=2,
+            )
+        )
     else:
         for caption in captions:
             label = classes.get(caption.image)

@@ -1,8 +1,8 @@
 """Train a caption model on a feature store and Flickr8k-style captions.
 
-    python train.py --epochs 20
-    python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out runs/merge --resume
-    python train.py --decoder attention --embeddings glove.6B.300d.txt --out runs/attention
+python train.py --epochs 20
+python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out runs/merge --resume
+python train.py --decoder attention --embeddings glove.6B.300d.txt --out runs/attention
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ DEFAULT_FEATURES = Path("features") / "store" / "flickr8k_efficientnet_lite0.pkl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES, help="feature store from extract_features.py")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder with captions and splits")
+    parser.add_argument(
+        "--features", type=Path, default=DEFAULT_FEATURES, help="feature store from extract_features.py"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder with captions and splits"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs") / "merge", help="run directory to write")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -29,17 +33,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    parser.add_argument("--decoder", default="merge",
-                        help="merge (image added after the RNN), inject (image as the RNN's initial state) or "
-                             "attention (soft attention over the spatial maps of extract_features.py --spatial)")
+    parser.add_argument(
+        "--decoder",
+        default="merge",
+        help="merge (image added after the RNN), inject (image as the RNN's initial state) or "
+        "attention (soft attention over the spatial maps of extract_features.py --spatial)",
+    )
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--embedding-dim", type=int, help="word vector size (default 256, or that of --embeddings)")
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--embeddings", type=Path, help="GloVe-format word vectors (word v1 v2 ...) to start from")
     parser.add_argument("--freeze-embeddings", action="store_true", help="keep the --embeddings vectors fixed")
-    parser.add_argument("--attention-regularization", type=float, default=1.0,
-                        help="weight of the doubly stochastic attention penalty (attention decoder)")
+    parser.add_argument(
+        "--attention-regularization",
+        type=float,
+        default=1.0,
+        help="weight of the doubly stochastic attention penalty (attention decoder)",
+    )
     parser.add_argument("--limit-train", type=int, help="use only the first N train images (quick comparisons)")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train"):
@@ -63,18 +74,35 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.embeddings import WordVectorError
     from pipeline.vocabulary import VocabularyError
 
-    options = TrainingOptions(args.epochs, args.batch_size, args.lr, args.min_count, args.seed, args.patience,
-                              str(args.embeddings) if args.embeddings else None, args.limit_train)
-    model_options = {"decoder": args.decoder, "cell": args.cell, "units": args.units, "dropout": args.dropout,
-                     "freeze_embeddings": args.freeze_embeddings,
-                     "attention_regularization": args.attention_regularization}
+    options = TrainingOptions(
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.min_count,
+        args.seed,
+        args.patience,
+        str(args.embeddings) if args.embeddings else None,
+        args.limit_train,
+    )
+    model_options = {
+        "decoder": args.decoder,
+        "cell": args.cell,
+        "units": args.units,
+        "dropout": args.dropout,
+        "freeze_embeddings": args.freeze_embeddings,
+        "attention_regularization": args.attention_regularization,
+    }
     if args.embedding_dim is not None:
         model_options["embedding_dim"] = args.embedding_dim
     errors = (TrainingError, FeatureStoreError, CaptionFileError, RunDirError, VocabularyError, WordVectorError)
     with clean_errors(*errors):
         result = train_caption_model(args.features, args.data, args.out, options, model_options, args.resume)
-    print(f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
-          f"best dev loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else "")
+    print(
+        f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
+        f"best dev loss {result.best_val_loss:.4f}"
+        if result.best_val_loss is not None
+        else ""
+    )
     return 0
 
 

@@ -72,7 +72,8 @@ def conditions() -> str:
     what = "a training job" if len(jobs) == 1 else f"{len(jobs)} training jobs"
     return (
         f"- Load: the machine was also running {what} ({listed}) while this benchmark ran at nice "
-        f"{os.nice(0)} (load average {' '.join(load)} at the end, on {os.cpu_count()} cores). Absolute figures "
+        f"{os.nice(0)}, the other job{'s' if len(jobs) > 1 else ''} as set by {'their' if len(jobs) > 1 else 'its'} "
+        f"own command (load average {' '.join(load)} at the end, on {os.cpu_count()} cores). Absolute figures "
         "are therefore lower than on an idle machine; the ratios stay fair because both paths were timed side "
         "by side (interleaved) in the same run, under the same load."
     )

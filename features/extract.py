@@ -150,7 +150,7 @@ def extract_features(
                 padded[: len(images)] = images
                 outputs = model.predict_on_batch(padded)
                 pooled = np.asarray(outputs[0] if spatial else outputs, dtype=np.float32)[: len(good)]
-                for (image_id, _), vector in zip(good, pooled):
+                for (image_id, _), vector in zip(good, pooled, strict=True):
                     store.features[image_id] = vector
                     pending_ids.append(image_id)
                 if spatial:

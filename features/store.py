@@ -7,6 +7,7 @@ datasets `ids` (N,) and `maps` (N, H, W, C).
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -42,8 +43,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise FeatureStoreError(
-            f"refusing to load {module}.{name}: a feature store may hold only dicts, strings, numbers "
-            "and numpy arrays"
+            f"refusing to load {module}.{name}: a feature store may hold only dicts, strings, numbers and numpy arrays"
         )
 
 
@@ -69,6 +69,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def read_versioned_json(path: Path, format_name: str, version: int, what: str, error: type[Exception]) -> dict:
+    """Return the JSON object in `path` after checking its "format" and "version" fields.
+
+    A missing file raises FileNotFoundError (callers word that case themselves); anything else wrong
+    raises `error` naming the file and, through `what`, the kind of file expected.
+    """
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != format_name:
+        raise error(f"{path}: not a {what}")
+    if payload.get("version") != version:
+        raise error(f"{path}: {what} format version {payload.get('version')}, expected {version}")
+    return payload
 
 
 @dataclass
@@ -101,7 +118,7 @@ class FeatureStore:
         atomic_write_bytes(Path(path), pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStore":
+    def load(cls, path: str | Path) -> FeatureStore:
         """Read a store through the restricted unpickler and check its structure."""
         path = Path(path)
         if not path.is_file():
@@ -113,7 +130,9 @@ class FeatureStore:
         if not (isinstance(payload, dict) and payload.get("format") == FORMAT_NAME):
             raise FeatureStoreError(f"{path}: not a feature store written by extract_features.py")
         if payload.get("version") != FORMAT_VERSION:
-            raise FeatureStoreError(f"{path}: feature store version {payload.get('version')}, expected {FORMAT_VERSION}")
+            raise FeatureStoreError(
+                f"{path}: feature store version {payload.get('version')}, expected {FORMAT_VERSION}"
+            )
         metadata, features = payload.get("metadata"), payload.get("features")
         if not isinstance(metadata, dict) or not isinstance(features, dict) or "dim" not in metadata:
             raise FeatureStoreError(f"{path}: malformed feature store (metadata or features missing)")

@@ -62,7 +62,9 @@ class _TensorRecord:
             raise CheckpointError(f"storage {self.storage.key} was never read")
         flat = self.storage.data
         itemsize = flat.itemsize
-        if self.size and self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) >= len(flat):
+        if self.size and self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True)) >= len(
+            flat
+        ):
             raise CheckpointError(f"tensor view runs past storage {self.storage.key}")
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :],

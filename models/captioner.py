@@ -20,6 +20,7 @@ ENCODE_BATCH = 32
 # Beams are ranked by log P / length**0.5: on the Flickr8k dev split this scored best (BENCHMARKS.md).
 DEFAULT_LENGTH_PENALTY = 0.5
 
+
 @dataclass
 class Caption:
     image: str
@@ -29,8 +30,11 @@ class Caption:
     attention: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {"image": self.image, "caption": self.caption,
-                "beams": [{"caption": c, "log_prob": round(p, 4)} for c, p in self.beams]}
+        return {
+            "image": self.image,
+            "caption": self.caption,
+            "beams": [{"caption": c, "log_prob": round(p, 4)} for c, p in self.beams],
+        }
 
 
 def make_stepper(run: CaptionRun):
@@ -93,23 +97,35 @@ class Captioner:
             out.append(np.asarray(features)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
 
-    def decode(self, features: np.ndarray, beam: int = 3, max_length: int | None = None,
-               length_penalty: float = DEFAULT_LENGTH_PENALTY) -> list[list[Hypothesis]]:
+    def decode(
+        self,
+        features: np.ndarray,
+        beam: int = 3,
+        max_length: int | None = None,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    ) -> list[list[Hypothesis]]:
         """Return the beam hypotheses for each feature vector."""
         max_length = max_length or self.run.model_config.max_caption_length
-        return beam_search(self.stepper, features, beam_size=beam, max_length=max_length,
-                           length_penalty=length_penalty)
+        return beam_search(self.stepper, features, beam_size=beam, max_length=max_length, length_penalty=length_penalty)
 
-    def caption_features(self, names: list[str], features: np.ndarray, beam: int = 3,
-                         max_length: int | None = None, length_penalty: float = DEFAULT_LENGTH_PENALTY,
-                         attention: bool = False) -> list[Caption]:
+    def caption_features(
+        self,
+        names: list[str],
+        features: np.ndarray,
+        beam: int = 3,
+        max_length: int | None = None,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        attention: bool = False,
+    ) -> list[Caption]:
         """Return the captions of precomputed features; with `attention`, each word's attention weights."""
         if attention and not isinstance(self.stepper, AttentionStepper):
-            raise RunDirError(f"{self.run.path}: the {self.run.model_config.decoder} decoder has no attention "
-                              "weights to show; train a run with --decoder attention")
+            raise RunDirError(
+                f"{self.run.path}: the {self.run.model_config.decoder} decoder has no attention "
+                "weights to show; train a run with --decoder attention"
+            )
         results = []
         decoded = self.decode(features, beam, max_length, length_penalty)
-        for name, hypotheses in zip(names, decoded):
+        for name, hypotheses in zip(names, decoded, strict=True):
             beams = [(" ".join(self.vocabulary.decode(h.tokens)), h.log_prob) for h in hypotheses]
             results.append(Caption(name, beams[0][0], beams))
         if attention:
@@ -120,9 +136,14 @@ class Captioner:
                 result.attention = weights[:words].reshape(words, height, width)
         return results
 
-    def caption_files(self, paths: list[str | Path], beam: int = 3, max_length: int | None = None,
-                      length_penalty: float = DEFAULT_LENGTH_PENALTY,
-                      attention: bool = False) -> tuple[list[Caption], dict[str, str]]:
+    def caption_files(
+        self,
+        paths: list[str | Path],
+        beam: int = 3,
+        max_length: int | None = None,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        attention: bool = False,
+    ) -> tuple[list[Caption], dict[str, str]]:
         """Return (captions of the readable images, {path: reason} for the unreadable ones)."""
         pixels, names, errors = [], [], {}
         for path in paths:

@@ -87,8 +87,14 @@ class Hypothesis:
     score: float  # log_prob after length normalisation, used for ranking
 
 
-def greedy_decode(stepper, features: np.ndarray, max_length: int, start_id: int = 2, end_id: int = 3,
-                  banned_ids: tuple[int, ...] = (0, 1, 2)) -> list[list[int]]:
+def greedy_decode(
+    stepper,
+    features: np.ndarray,
+    max_length: int,
+    start_id: int = 2,
+    end_id: int = 3,
+    banned_ids: tuple[int, ...] = (0, 1, 2),
+) -> list[list[int]]:
     """Return the most probable next word at every step, for each image (ids, ending with <end>)."""
     batch = len(features)
     state = stepper.start(features)
@@ -107,9 +113,17 @@ def greedy_decode(stepper, features: np.ndarray, max_length: int, start_id: int 
     return sequences
 
 
-def beam_search(stepper, features: np.ndarray, beam_size: int = 3, max_length: int = 40,
-                length_penalty: float = 0.0, start_id: int = 2, end_id: int = 3, pad_id: int = 0,
-                banned_ids: tuple[int, ...] = (0, 1, 2)) -> list[list[Hypothesis]]:
+def beam_search(
+    stepper,
+    features: np.ndarray,
+    beam_size: int = 3,
+    max_length: int = 40,
+    length_penalty: float = 0.0,
+    start_id: int = 2,
+    end_id: int = 3,
+    pad_id: int = 0,
+    banned_ids: tuple[int, ...] = (0, 1, 2),
+) -> list[list[Hypothesis]]:
     """Return each image's `beam_size` best captions, best first, decoded together in one batch.
 
     Scores are summed log-probabilities divided by length ** `length_penalty` (0 = none).

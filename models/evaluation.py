@@ -34,11 +34,17 @@ class EvaluationReport:
 
     def to_dict(self, run_config: dict) -> dict:
         return {
-            "split": self.split, "beam": self.beam, "length_penalty": self.length_penalty,
-            "metrics": self.metrics, "secondary_metrics": self.secondary, "counts": self.counts,
-            "seconds": round(self.seconds, 1), "model_config": run_config,
-            "captions": [{"image": i, "caption": c, "references": self.references[i]}
-                         for i, c in sorted(self.captions.items())],
+            "split": self.split,
+            "beam": self.beam,
+            "length_penalty": self.length_penalty,
+            "metrics": self.metrics,
+            "secondary_metrics": self.secondary,
+            "counts": self.counts,
+            "seconds": round(self.seconds, 1),
+            "model_config": run_config,
+            "captions": [
+                {"image": i, "caption": c, "references": self.references[i]} for i, c in sorted(self.captions.items())
+            ],
         }
 
 
@@ -70,7 +76,7 @@ def _stored_features(captioner: Captioner, features: Path | None, ids: list[str]
 def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -> tuple[np.ndarray, list[str]]:
     """Return (features of the readable images, their ids), decoding images in parallel threads."""
     kept, chunks = [], []
-    items = list(zip(ids, paths))
+    items = list(zip(ids, paths, strict=True))
     for batch in decoded_batches(items, captioner.spec.input_size, 64, os.cpu_count() or 2):
         good = [(i, p) for i, p in batch if not isinstance(p, ImageDecodeError)]
         if good:
@@ -79,9 +85,15 @@ def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -
     return (np.concatenate(chunks) if chunks else np.zeros((0, *captioner.feature_shape), np.float32)), kept
 
 
-def evaluate_captions(captioner: Captioner, data_dir: str | Path, split: str = "dev", beam: int = 3,
-                      limit: int | None = None, features: str | Path | None = None,
-                      length_penalty: float = DEFAULT_LENGTH_PENALTY) -> EvaluationReport:
+def evaluate_captions(
+    captioner: Captioner,
+    data_dir: str | Path,
+    split: str = "dev",
+    beam: int = 3,
+    limit: int | None = None,
+    features: str | Path | None = None,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
+) -> EvaluationReport:
     """Caption every image of `split` that is on disk and score it against all its references."""
     started = time.perf_counter()
     data_dir = Path(data_dir)
@@ -91,8 +103,11 @@ def evaluate_captions(captioner: Captioner, data_dir: str | Path, split: str = "
     on_disk = [i for i in with_refs if (data_dir / "Images" / i).is_file()]
     if limit:
         on_disk = on_disk[:limit]
-    counts = {"split_images": len(split_ids), "no_captions": len(split_ids) - len(with_refs),
-              "missing_on_disk": sum(not (data_dir / "Images" / i).is_file() for i in with_refs)}
+    counts = {
+        "split_images": len(split_ids),
+        "no_captions": len(split_ids) - len(with_refs),
+        "missing_on_disk": sum(not (data_dir / "Images" / i).is_file() for i in with_refs),
+    }
     matrix = _stored_features(captioner, Path(features) if features else None, on_disk)
     ids = on_disk
     if matrix is None:
@@ -102,22 +117,25 @@ def evaluate_captions(captioner: Captioner, data_dir: str | Path, split: str = "
     generated: dict[str, str] = {}
     for start in range(0, len(ids), DECODE_CHUNK):
         chunk = ids[start : start + DECODE_CHUNK]
-        for result in captioner.caption_features(chunk, matrix[start : start + DECODE_CHUNK], beam,
-                                                 length_penalty=length_penalty):
+        for result in captioner.caption_features(
+            chunk, matrix[start : start + DECODE_CHUNK], beam, length_penalty=length_penalty
+        ):
             generated[result.image] = result.caption
     references = {i: captions[i] for i in ids}
     metrics = coco_scores(references, generated) if generated else {}
     secondary = nltk_corpus_bleu(references, generated) if generated else {}
-    return EvaluationReport(split, beam, length_penalty, metrics, secondary, counts, generated, references,
-                            time.perf_counter() - started)
+    return EvaluationReport(
+        split, beam, length_penalty, metrics, secondary, counts, generated, references, time.perf_counter() - started
+    )
 
 
 def write_report(report: EvaluationReport, run_config: dict, path: str | Path) -> None:
     write_json(Path(path), report.to_dict(run_config))
 
 
-def draw_samples(report: EvaluationReport, data_dir: str | Path, path: str | Path, count: int = 12,
-                 seed: int = 0) -> None:
+def draw_samples(
+    report: EvaluationReport, data_dir: str | Path, path: str | Path, count: int = 12, seed: int = 0
+) -> None:
     """Draw a grid of sample images with their generated and first reference caption to a PNG."""
     import textwrap
 
@@ -136,7 +154,7 @@ def draw_samples(report: EvaluationReport, data_dir: str | Path, path: str | Pat
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, image_id in zip(axes.flat, chosen):
+    for axis, image_id in zip(axes.flat, chosen, strict=False):
         try:
             axis.imshow(load_image(Path(data_dir) / "Images" / image_id, 224).astype(np.uint8))
         except ImageDecodeError:

@@ -23,8 +23,13 @@ def recurrent_layer(config: CaptionModelConfig, **kwargs) -> layers.Layer:
 
 def embedding_layer(config: CaptionModelConfig) -> layers.Layer:
     """Return the word embedding (id 0 = padding, masked), frozen when the config asks for fixed vectors."""
-    return layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True,
-                            trainable=not config.freeze_embeddings, name="embedding")
+    return layers.Embedding(
+        config.vocab_size,
+        config.embedding_dim,
+        mask_zero=True,
+        trainable=not config.freeze_embeddings,
+        name="embedding",
+    )
 
 
 def build_merge_model(config: CaptionModelConfig) -> keras.Model:

@@ -1,9 +1,9 @@
 """Run directories: everything inference needs, saved by training and checked on load.
 
-    RUN_DIR/model.keras        best model (no optimizer state)
-    RUN_DIR/vocabulary.json    the vocabulary
-    RUN_DIR/config.json        encoder, feature dim, preprocessing, max length, vocabulary size, ...
-    RUN_DIR/history.csv        per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
+RUN_DIR/model.keras        best model (no optimizer state)
+RUN_DIR/vocabulary.json    the vocabulary
+RUN_DIR/config.json        encoder, feature dim, preprocessing, max length, vocabulary size, ...
+RUN_DIR/history.csv        per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import keras
 
 import models.attention  # noqa: F401  (registers the custom layers for loading)
 import models.merge  # noqa: F401
-from features.store import atomic_write_bytes
+from features.store import atomic_write_bytes, read_versioned_json
 from models.config import CaptionModelConfig
 from pipeline.vocabulary import Vocabulary, VocabularyError
 
 RUN_FORMAT = "captioning-run"
 RUN_FORMAT_VERSION = 1
 MODEL_FILE, VOCABULARY_FILE, CONFIG_FILE, HISTORY_FILE, CURVES_FILE = (
-    "model.keras", "vocabulary.json", "config.json", "history.csv", "curves.png",
+    "model.keras",
+    "vocabulary.json",
+    "config.json",
+    "history.csv",
+    "curves.png",
 )
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN = PROJECT_ROOT / "pretrained" / "flickr8k_merge_lite0"
@@ -60,15 +64,11 @@ def read_run_config(run_dir: str | Path) -> dict:
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: no such run directory (train one with train.py, or omit --model)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_versioned_json(
+            path, RUN_FORMAT, RUN_FORMAT_VERSION, "run config written by train.py", RunDirError
+        )
     except FileNotFoundError:
         raise RunDirError(f"{run_dir}: incomplete run directory, {CONFIG_FILE} missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunDirError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
-        raise RunDirError(f"{path}: not a run config written by train.py")
-    if config.get("version") != RUN_FORMAT_VERSION:
-        raise RunDirError(f"{path}: run format version {config.get('version')}, expected {RUN_FORMAT_VERSION}")
     for key in ("encoder", "model"):
         if key not in config:
             raise RunDirError(f"{path}: {key!r} missing from the run config")

@@ -20,8 +20,14 @@ from models.config import REGION_DECODERS, CaptionModelConfig
 from models.inject import build_inject_model
 from models.merge import build_merge_model
 from models.rundir import (
-    CURVES_FILE, HISTORY_FILE, MODEL_FILE, VOCABULARY_FILE, read_run_config,
-    save_model_without_optimizer, save_run_config, write_json,
+    CURVES_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    VOCABULARY_FILE,
+    read_run_config,
+    save_model_without_optimizer,
+    save_run_config,
+    write_json,
 )
 from pipeline.batches import CaptionSequence, encode_captions
 from pipeline.captions import SplitCaptions, load_captions, load_split, select_split
@@ -60,9 +66,14 @@ class CaptionData:
     dev: SplitCaptions
 
 
-def prepare_caption_data(store: FeatureStore, data_dir: str | Path, min_count: int,
-                         vocabulary: Vocabulary | None = None, regions: SpatialMaps | None = None,
-                         limit_train: int | None = None) -> CaptionData:
+def prepare_caption_data(
+    store: FeatureStore,
+    data_dir: str | Path,
+    min_count: int,
+    vocabulary: Vocabulary | None = None,
+    regions: SpatialMaps | None = None,
+    limit_train: int | None = None,
+) -> CaptionData:
     """Return train/dev captions restricted to images with features (and spatial maps, when given),
     and the train vocabulary."""
     captions = load_captions(data_dir)
@@ -78,18 +89,31 @@ def prepare_caption_data(store: FeatureStore, data_dir: str | Path, min_count: i
     return CaptionData(vocabulary, max_caption_length, train, dev)
 
 
-def caption_sequence(store: FeatureStore, split: SplitCaptions, data: CaptionData, batch_size: int,
-                     shuffle: bool, seed: int = 0, regions: SpatialMaps | None = None) -> CaptionSequence:
+def caption_sequence(
+    store: FeatureStore,
+    split: SplitCaptions,
+    data: CaptionData,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    regions: SpatialMaps | None = None,
+) -> CaptionSequence:
     """Return the batch generator for one split: pooled vectors as "image", or, given `regions`, the
     spatial maps read batch by batch from the HDF5 file as "regions"."""
     rows, sequences = encode_captions(split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
-    if regions is None:
-        return CaptionSequence(store.matrix(split.image_ids), rows, sequences, data.max_caption_length,
-                               batch_size=batch_size, shuffle=shuffle, seed=seed)
     ids = split.image_ids
-    return CaptionSequence(None, rows, sequences, data.max_caption_length, batch_size=batch_size,
-                           shuffle=shuffle, seed=seed,
-                           extra_inputs={"regions": lambda image_rows: regions.get([ids[r] for r in image_rows])})
+    return CaptionSequence(
+        store.matrix(ids) if regions is None else None,
+        rows,
+        sequences,
+        data.max_caption_length,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        extra_inputs=None
+        if regions is None
+        else {"regions": lambda image_rows: regions.get([ids[r] for r in image_rows])},
+    )
 
 
 def open_spatial_maps(store: FeatureStore, features: str | Path) -> SpatialMaps:
@@ -164,7 +188,7 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         return
     epochs = [int(r["epoch"]) + 1 for r in rows]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, label in (("", "train"), ("val_", "dev")):
             if prefix + metric in rows[0]:
                 axis.plot(epochs, [float(r[prefix + metric]) for r in rows], marker="o", label=label)
@@ -203,7 +227,9 @@ def train_caption_model(
     if resume and not state_file.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
     if not resume and state_file.is_file():
-        raise TrainingError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
+        raise TrainingError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -230,44 +256,64 @@ def train_caption_model(
         vectors = read_word_vectors(options.embeddings, set(data.vocabulary.words)) if options.embeddings else None
         if vectors is not None:
             if model_options.get("embedding_dim", vectors.dim) != vectors.dim:
-                raise TrainingError(f"{options.embeddings} holds {vectors.dim}-d vectors but the embedding is "
-                                    f"{model_options['embedding_dim']}-d; leave --embedding-dim out to use {vectors.dim}")
+                raise TrainingError(
+                    f"{options.embeddings} holds {vectors.dim}-d vectors but the embedding is "
+                    f"{model_options['embedding_dim']}-d; leave --embedding-dim out to use {vectors.dim}"
+                )
             model_options["embedding_dim"] = vectors.dim
         if regions is not None:
             model_options["spatial_shape"] = regions.shape
         config = CaptionModelConfig(
-            vocab_size=len(data.vocabulary), max_caption_length=data.max_caption_length,
-            feature_dim=store.dim, **model_options,
+            vocab_size=len(data.vocabulary),
+            max_caption_length=data.max_caption_length,
+            feature_dim=store.dim,
+            **model_options,
         )
         model = build_caption_model(config)
         coverage = initialise_embeddings(model, data.vocabulary, vectors) if vectors is not None else None
         if coverage is not None and verbose != 0:
-            print(f"word vectors: {coverage.found} of {coverage.words} vocabulary words ({coverage.fraction:.1%}) "
-                  f"found in {options.embeddings}" + (", frozen" if config.freeze_embeddings else ""))
+            print(
+                f"word vectors: {coverage.found} of {coverage.words} vocabulary words ({coverage.fraction:.1%}) "
+                f"found in {options.embeddings}" + (", frozen" if config.freeze_embeddings else "")
+            )
         compile_caption_model(model, options.learning_rate)
         run_dir.mkdir(parents=True, exist_ok=True)
         data.vocabulary.save(run_dir / VOCABULARY_FILE)
-        save_run_config(run_dir, {
-            **{k: store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "dim", "weights")},
-            "feature_dim": store.dim,
-            "max_caption_length": data.max_caption_length,
-            "vocab_size": len(data.vocabulary),
-            "min_count": options.min_count,
-            "model": asdict(config),
-            "training": asdict(options),
-            "data": str(data_dir),
-            "features": str(features),
-            "train_images": len(data.train.image_ids),
-            "dev_images": len(data.dev.image_ids),
-            "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
-            **({"embeddings": {"file": str(options.embeddings), "dim": vectors.dim,
-                               "frozen": config.freeze_embeddings, **coverage.to_dict()}} if coverage else {}),
-        })
+        save_run_config(
+            run_dir,
+            {
+                **{k: store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "dim", "weights")},
+                "feature_dim": store.dim,
+                "max_caption_length": data.max_caption_length,
+                "vocab_size": len(data.vocabulary),
+                "min_count": options.min_count,
+                "model": asdict(config),
+                "training": asdict(options),
+                "data": str(data_dir),
+                "features": str(features),
+                "train_images": len(data.train.image_ids),
+                "dev_images": len(data.dev.image_ids),
+                "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
+                **(
+                    {
+                        "embeddings": {
+                            "file": str(options.embeddings),
+                            "dim": vectors.dim,
+                            "frozen": config.freeze_embeddings,
+                            **coverage.to_dict(),
+                        }
+                    }
+                    if coverage
+                    else {}
+                ),
+            },
+        )
 
     monitor = "val_loss" if dev is not None else "loss"
     callbacks = [
-        keras.callbacks.ModelCheckpoint(run_dir / f".best.{MODEL_FILE}", monitor=monitor, save_best_only=True,
-                                        initial_value_threshold=best),
+        keras.callbacks.ModelCheckpoint(
+            run_dir / f".best.{MODEL_FILE}", monitor=monitor, save_best_only=True, initial_value_threshold=best
+        ),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=options.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=2, min_lr=1e-5),
         keras.callbacks.CSVLogger(run_dir / HISTORY_FILE, append=resume),
@@ -277,11 +323,19 @@ def train_caption_model(
         verbose = 1 if sys.stdout.isatty() else 2
     device = describe_device()
     if verbose:
-        print(f"training on {device}: {len(train.sequences)} train captions, "
-              f"{0 if dev is None else len(dev.sequences)} dev captions, vocabulary {len(data.vocabulary)}")
+        print(
+            f"training on {device}: {len(train.sequences)} train captions, "
+            f"{0 if dev is None else len(dev.sequences)} dev captions, vocabulary {len(data.vocabulary)}"
+        )
     started = time.perf_counter()
-    history = model.fit(train, validation_data=dev, epochs=options.epochs, initial_epoch=initial_epoch,
-                        callbacks=callbacks, verbose=verbose)
+    history = model.fit(
+        train,
+        validation_data=dev,
+        epochs=options.epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     seconds = time.perf_counter() - started
     if regions is not None:
         regions.close()
@@ -291,8 +345,9 @@ def train_caption_model(
     save_model_without_optimizer(final, run_dir / MODEL_FILE)
     plot_history(run_dir / HISTORY_FILE, run_dir / CURVES_FILE)
     losses = [float(r[monitor]) for r in _history_rows(run_dir / HISTORY_FILE) if r.get(monitor)]
-    return TrainingResult(run_dir, len(history.epoch), min(losses) if losses else None, seconds,
-                          len(train.sequences), device)
+    return TrainingResult(
+        run_dir, len(history.epoch), min(losses) if losses else None, seconds, len(train.sequences), device
+    )
 
 
 def _rewrite_history(path: Path, rows: list[dict]) -> None:
@@ -305,4 +360,3 @@ def _rewrite_history(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(temporary, path)
-

@@ -58,5 +58,7 @@ def nltk_corpus_bleu(references: dict[str, list[str]], hypotheses: dict[str, str
     hyps = [clean_caption(hypotheses[i]) for i in ids]
     smoothing = SmoothingFunction().method1
     weights = {1: (1.0,), 2: (0.5, 0.5), 3: (1 / 3,) * 3, 4: (0.25,) * 4}
-    return {f"NLTK-BLEU-{n}": float(corpus_bleu(refs, hyps, weights=w, smoothing_function=smoothing))
-            for n, w in weights.items()}
+    return {
+        f"NLTK-BLEU-{n}": float(corpus_bleu(refs, hyps, weights=w, smoothing_function=smoothing))
+        for n, w in weights.items()
+    }

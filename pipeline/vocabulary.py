@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from features.store import atomic_write_bytes
+from features.store import atomic_write_bytes, read_versioned_json
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIAL_TOKENS = (PAD, UNK, START, END)  # ids 0..3; padding must be 0 for Keras masking
@@ -34,7 +34,7 @@ class Vocabulary:
         return len(self.words)
 
     @classmethod
-    def build(cls, captions: Iterable[list[str]], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[list[str]], min_count: int = 5) -> Vocabulary:
         """Return a vocabulary of the words seen at least `min_count` times, most frequent first."""
         counts = Counter(word for caption in captions for word in caption)
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
@@ -60,18 +60,14 @@ class Vocabulary:
         atomic_write_bytes(Path(path), json.dumps(payload, indent=0).encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            payload = read_versioned_json(
+                path, FORMAT_NAME, FORMAT_VERSION, "vocabulary written by this project", VocabularyError
+            )
         except FileNotFoundError:
             raise VocabularyError(f"{path}: no vocabulary file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise VocabularyError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
-            raise VocabularyError(f"{path}: not a vocabulary written by this project")
-        if payload.get("version") != FORMAT_VERSION:
-            raise VocabularyError(f"{path}: vocabulary version {payload.get('version')}, expected {FORMAT_VERSION}")
         words = payload.get("words")
         if not isinstance(words, list) or tuple(words[:4]) != SPECIAL_TOKENS:
             raise VocabularyError(f"{path}: word list missing or without the special tokens first")

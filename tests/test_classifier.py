@@ -8,8 +8,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import make_image
 
+from conftest import make_image
 from features.augment import AUGMENTATIONS, augment_pixels, augmented_id, original_id
 from features.store import FeatureStore
 from models.classifier import (

@@ -136,8 +136,22 @@ def test_evaluate_end_to_end_on_a_tiny_run(tiny_run, tiny_flickr, tiny_store, tm
     import evaluate
 
     report_path, samples = tmp_path / "report.json", tmp_path / "samples.png"
-    code = evaluate.main(["--model", str(tiny_run), "--data", str(tiny_flickr), "--split", "dev",
-                          "--beam", "2", "--json", str(report_path), "--samples", str(samples)])
+    code = evaluate.main(
+        [
+            "--model",
+            str(tiny_run),
+            "--data",
+            str(tiny_flickr),
+            "--split",
+            "dev",
+            "--beam",
+            "2",
+            "--json",
+            str(report_path),
+            "--samples",
+            str(samples),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "dev split, beam 2" in out and "CIDEr" in out and "NLTK-BLEU-4" in out
@@ -164,7 +178,8 @@ def test_train_cli_reports_a_store_without_train_images(tiny_flickr, tmp_path, c
     from features.store import FeatureStore
 
     FeatureStore({"encoder": "efficientnet_lite0", "dim": 2}, {"x.jpg": np.zeros(2, np.float32)}).save(
-        tmp_path / "s.pkl")
+        tmp_path / "s.pkl"
+    )
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--features", str(tmp_path / "s.pkl"), "--data", str(tiny_flickr), "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "no train-split image" in capsys.readouterr().err

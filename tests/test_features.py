@@ -57,10 +57,18 @@ def test_weights_load_from_local_file(tmp_path):
 
 # From ../shared/docs/encoders.md: the original PyTorch model on sklearn's sample photos.
 REFERENCE = {
-    "china.jpg": ([(442, 0.2865), (449, 0.1611), (975, 0.0784), (698, 0.0767), (483, 0.0623)], 0.24081, 17.4537,
-                  [0, 0.0026, 0.1644, 0, 0, 0, 1.2986, 0.684]),
-    "flower.jpg": ([(985, 0.1466), (309, 0.0761), (738, 0.0431), (994, 0.0328), (599, 0.0301)], 0.17828, 14.9047,
-                   [0, 0.0171, 0, 0, 0, 0, 0, 1.8584]),
+    "china.jpg": (
+        [(442, 0.2865), (449, 0.1611), (975, 0.0784), (698, 0.0767), (483, 0.0623)],
+        0.24081,
+        17.4537,
+        [0, 0.0026, 0.1644, 0, 0, 0, 1.2986, 0.684],
+    ),
+    "flower.jpg": (
+        [(985, 0.1466), (309, 0.0761), (738, 0.0431), (994, 0.0328), (599, 0.0301)],
+        0.17828,
+        14.9047,
+        [0, 0.0171, 0, 0, 0, 0, 0, 1.8584],
+    ),
 }
 
 
@@ -77,8 +85,9 @@ def test_efficientnet_lite0_conversion_matches_the_pytorch_reference(tmp_path):
         path = tmp_path / name
         Image.fromarray(load_sample_image(name)).save(path, quality=100)
         # The reference resized the in-memory array; load_image re-reads a (near-lossless) JPEG of it.
-        pixels = np.asarray(Image.fromarray(load_sample_image(name)).resize((224, 224), Image.Resampling.BILINEAR),
-                            dtype=np.float32)
+        pixels = np.asarray(
+            Image.fromarray(load_sample_image(name)).resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32
+        )
         logits, pooled = pooled_model.predict_on_batch(spec.preprocess(pixels[None]))
         probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits[0]))
         for index, probability in top5:
@@ -149,8 +158,18 @@ def _bad_inputs(folder):
     make_image(folder / "truncated.jpg", size=(200, 200), noise_seed=1)
     data = (folder / "truncated.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    return {"gray.png": True, "rgba.png": True, "palette.gif": True, "cmyk.jpg": True, "deep16.png": True,
-            "huge.jpg": True, "ok.jpg": True, "empty.jpg": False, "notes.jpg": False, "truncated.jpg": False}
+    return {
+        "gray.png": True,
+        "rgba.png": True,
+        "palette.gif": True,
+        "cmyk.jpg": True,
+        "deep16.png": True,
+        "huge.jpg": True,
+        "ok.jpg": True,
+        "empty.jpg": False,
+        "notes.jpg": False,
+        "truncated.jpg": False,
+    }
 
 
 def test_load_image_converts_every_decodable_kind_and_rejects_the_rest(tmp_path):
@@ -173,8 +192,7 @@ def test_extraction_skips_bad_inputs_and_counts_them(tmp_path):
     expected = _bad_inputs(tmp_path)
     sources = {name: tmp_path / name for name in expected}
     sources["listed_but_missing.jpg"] = tmp_path / "listed_but_missing.jpg"
-    report = extract_features(sources, tmp_path / "out.pkl", "efficientnet_lite0", None, batch_size=4,
-                              progress=False)
+    report = extract_features(sources, tmp_path / "out.pkl", "efficientnet_lite0", None, batch_size=4, progress=False)
     readable = {n for n, ok in expected.items() if ok}
     assert report.extracted == len(readable)
     assert set(report.failed) == set(sources) - readable
@@ -224,7 +242,7 @@ def test_a_killed_run_leaves_the_previous_store_intact(tmp_path):
         "def die(self, path): os._exit(9)\n"  # killed in the middle of writing the store
         "s.FeatureStore.save = die\n"
         "from features.extract import extract_features\n"
-        f"extract_features({ {k: str(v) for k, v in sources.items()} !r}, {str(out)!r}, 'efficientnet_lite0', None,"
+        f"extract_features({ {k: str(v) for k, v in sources.items()}!r}, {str(out)!r}, 'efficientnet_lite0', None,"
         " progress=False)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
@@ -235,8 +253,16 @@ def test_a_killed_run_leaves_the_previous_store_intact(tmp_path):
 def test_spatial_maps_go_to_hdf5_beside_the_store(tmp_path):
     sources = {f"{i}.jpg": make_image(tmp_path / f"{i}.jpg", (i * 40, 0, 0)) for i in range(5)}
     out = tmp_path / "s.pkl"
-    extract_features(dict(list(sources.items())[:3]), out, "efficientnet_lite0", None, spatial=True,
-                     batch_size=2, flush_every=2, progress=False)
+    extract_features(
+        dict(list(sources.items())[:3]),
+        out,
+        "efficientnet_lite0",
+        None,
+        spatial=True,
+        batch_size=2,
+        flush_every=2,
+        progress=False,
+    )
     extract_features(sources, out, "efficientnet_lite0", None, spatial=True, batch_size=2, progress=False)
     maps = SpatialMaps(spatial_path(out))
     assert set(maps.index) == set(sources) and maps.shape == (7, 7, 1280)
@@ -257,7 +283,9 @@ def test_extract_cli_on_generated_and_real_images(tmp_path, capsys):
     for i in range(3):
         make_image(folder / f"p{i}.jpg", (i * 60, 100, 50))
     (folder / "readme.txt").write_text("not an image, not listed")
-    assert cli.main(["--data", str(folder), "--weights", "none", "--out", str(tmp_path / "g.pkl"), "--no-progress"]) == 0
+    assert (
+        cli.main(["--data", str(folder), "--weights", "none", "--out", str(tmp_path / "g.pkl"), "--no-progress"]) == 0
+    )
     assert len(FeatureStore.load(tmp_path / "g.pkl").features) == 3
     assert "3 extracted" in capsys.readouterr().out
 

@@ -118,14 +118,18 @@ class ToyStepper:
     """A hand-built Markov model over 6 tokens where greedy decoding is not the best sequence."""
 
     # rows: previous token; columns: <pad> <unk> <start> <end> x y
-    TABLE = np.log(np.array([
-        [1, 1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1, 1],
-        [1e-9, 1e-9, 1e-9, 0.02, 0.53, 0.45],  # after <start>: x looks best
-        [1, 1, 1, 1, 1, 1],
-        [1e-9, 1e-9, 1e-9, 0.30, 0.36, 0.34],  # after x: nothing is likely
-        [1e-9, 1e-9, 1e-9, 0.96, 0.02, 0.02],  # after y: <end> almost surely
-    ]))
+    TABLE = np.log(
+        np.array(
+            [
+                [1, 1, 1, 1, 1, 1],
+                [1, 1, 1, 1, 1, 1],
+                [1e-9, 1e-9, 1e-9, 0.02, 0.53, 0.45],  # after <start>: x looks best
+                [1, 1, 1, 1, 1, 1],
+                [1e-9, 1e-9, 1e-9, 0.30, 0.36, 0.34],  # after x: nothing is likely
+                [1e-9, 1e-9, 1e-9, 0.96, 0.02, 0.02],  # after y: <end> almost surely
+            ]
+        )
+    )
 
     def start(self, features):
         return [np.zeros((len(features), 1), np.float32)]
