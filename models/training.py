@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,6 +164,45 @@ class EpochCheckpoint(keras.callbacks.Callback):
         write_json(self.run_dir / STATE_FILE, {"epochs_done": epoch + 1})
 
 
+def plateau_state(
+    values: Sequence[float], patience: int, min_delta: float, reset_after_patience: bool
+) -> tuple[float | None, int]:
+    """Return (best, wait) after `values`, as EarlyStopping (no reset) or ReduceLROnPlateau (reset) count."""
+    best, wait = None, 0
+    for value in values:
+        if best is None or value + abs(min_delta) < best:  # as keras: a fall of more than min_delta
+            best, wait = value, 0
+            continue
+        wait += 1
+        if reset_after_patience and wait >= patience:
+            wait = 0  # the learning rate was reduced here
+    return best, wait
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that, after --resume, counts patience from the best epoch of the whole run."""
+
+    def __init__(self, *args, history: Sequence[float] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.history_values = list(history)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.best, self.wait = plateau_state(self.history_values, self.patience, self.min_delta, False)
+
+
+class ResumedReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau that, after --resume, carries on the plateau count of the whole run."""
+
+    def __init__(self, *args, history: Sequence[float] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.history_values = list(history)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.best, self.wait = plateau_state(self.history_values, self.patience, self.min_delta, True)
+
+
 def describe_device() -> str:
     """Return which device TensorFlow trains on."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -244,14 +284,12 @@ def train_caption_model(
     train = caption_sequence(store, data.train, data, options.batch_size, True, options.seed, regions)
     dev = caption_sequence(store, data.dev, data, options.batch_size, False, 0, regions) if data.dev.image_ids else None
 
-    initial_epoch, best = 0, None
+    initial_epoch, rows = 0, []
     if resume:
         initial_epoch = int(json.loads(state_file.read_text())["epochs_done"])
         model = keras.saving.load_model(checkpoint)  # with its optimizer state
         rows = [r for r in _history_rows(run_dir / HISTORY_FILE) if int(r["epoch"]) < initial_epoch]
         _rewrite_history(run_dir / HISTORY_FILE, rows)
-        losses = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
-        best = min(losses) if losses else None
     else:
         vectors = read_word_vectors(options.embeddings, set(data.vocabulary.words)) if options.embeddings else None
         if vectors is not None:
@@ -310,12 +348,17 @@ def train_caption_model(
         )
 
     monitor = "val_loss" if dev is not None else "loss"
+    # After --resume the callbacks go on from the whole run's history, as if never interrupted.
+    past = [float(r[monitor]) for r in rows if r.get(monitor)]
     callbacks = [
         keras.callbacks.ModelCheckpoint(
-            run_dir / f".best.{MODEL_FILE}", monitor=monitor, save_best_only=True, initial_value_threshold=best
+            run_dir / f".best.{MODEL_FILE}",
+            monitor=monitor,
+            save_best_only=True,
+            initial_value_threshold=min(past) if past else None,
         ),
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=options.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=2, min_lr=1e-5),
+        ResumedEarlyStopping(monitor=monitor, patience=options.patience, restore_best_weights=True, history=past),
+        ResumedReduceLROnPlateau(monitor=monitor, factor=0.5, patience=2, min_lr=1e-5, history=past),
         keras.callbacks.CSVLogger(run_dir / HISTORY_FILE, append=resume),
         EpochCheckpoint(run_dir),
     ]

@@ -11,7 +11,14 @@ import pytest
 
 from conftest import make_image
 from models.rundir import load_run
-from models.training import TrainingError, TrainingOptions, train_caption_model
+from models.training import (
+    ResumedEarlyStopping,
+    ResumedReduceLROnPlateau,
+    TrainingError,
+    TrainingOptions,
+    plateau_state,
+    train_caption_model,
+)
 from pipeline.metrics import coco_scores, nltk_corpus_bleu
 
 
@@ -48,6 +55,46 @@ def test_training_resumes_from_the_last_saved_epoch_with_optimizer_state(tiny_fl
     assert int(restored.optimizer.iterations) == 4 * steps_per_epoch
     with pytest.raises(TrainingError, match="nothing to resume"):
         train_caption_model(tiny_store, tiny_flickr, tmp_path / "fresh", options, resume=True, verbose=0)
+
+
+def test_plateau_state_counts_epochs_since_the_best_as_the_callbacks_do():
+    losses = [3.0, 2.5, 2.6, 2.7, 2.55]
+    assert plateau_state(losses, patience=5, min_delta=0.0, reset_after_patience=False) == (2.5, 3)
+    # ReduceLROnPlateau (patience 2) reduced after 2.7 and started counting again.
+    assert plateau_state(losses, patience=2, min_delta=1e-4, reset_after_patience=True) == (2.5, 1)
+    assert plateau_state([2.0, 1.99995], patience=2, min_delta=1e-4, reset_after_patience=True) == (2.0, 1)
+    assert plateau_state([], patience=2, min_delta=0.0, reset_after_patience=False) == (None, 0)
+
+
+def _compiled_toy_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    return model
+
+
+def test_resumed_callbacks_carry_on_the_interrupted_runs_patience():
+    model = _compiled_toy_model()
+    stopper = ResumedEarlyStopping(monitor="val_loss", patience=3, history=[2.0, 2.1, 2.2])
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    stopper.on_epoch_end(3, {"val_loss": 2.3})  # the third epoch without improvement since epoch 0
+    assert model.stop_training is True
+
+    model = _compiled_toy_model()
+    reducer = ResumedReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, history=[2.0, 2.1])
+    reducer.set_model(model)
+    reducer.on_train_begin()
+    reducer.on_epoch_end(2, {"val_loss": 2.2})
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-4)
+
+    model = _compiled_toy_model()  # an improvement resets the count as usual
+    stopper = ResumedEarlyStopping(monitor="val_loss", patience=3, history=[2.0, 2.1, 2.2])
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    stopper.on_epoch_end(3, {"val_loss": 1.9})
+    assert not model.stop_training and stopper.best == 1.9
 
 
 def test_training_is_deterministic_with_a_seed(tiny_flickr, tiny_store, tmp_path):
