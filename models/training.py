@@ -179,8 +179,10 @@ def plateau_state(
     return best, wait
 
 
-class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping that, after --resume, counts patience from the best epoch of the whole run."""
+class _ResumedPlateau:
+    """Mixin: after --resume, start from the best value and the patience already used in the run."""
+
+    reset_after_patience = False
 
     def __init__(self, *args, history: Sequence[float] = (), **kwargs):
         super().__init__(*args, **kwargs)
@@ -188,19 +190,19 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self.best, self.wait = plateau_state(self.history_values, self.patience, self.min_delta, False)
+        self.best, self.wait = plateau_state(
+            self.history_values, self.patience, self.min_delta, self.reset_after_patience
+        )
 
 
-class ResumedReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
-    """ReduceLROnPlateau that, after --resume, carries on the plateau count of the whole run."""
+class ResumedEarlyStopping(_ResumedPlateau, keras.callbacks.EarlyStopping):
+    """EarlyStopping that counts patience from the best epoch of the whole run."""
 
-    def __init__(self, *args, history: Sequence[float] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.history_values = list(history)
 
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self.best, self.wait = plateau_state(self.history_values, self.patience, self.min_delta, True)
+class ResumedReduceLROnPlateau(_ResumedPlateau, keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau that carries on the plateau count of the whole run."""
+
+    reset_after_patience = True
 
 
 def describe_device() -> str:
