@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from features.store import atomic_write_bytes  # noqa: E402  (after the path set-up, as a script)
+from bench.common import conditions  # noqa: E402  (after the path set-up, as a script)
+from features.store import atomic_write_bytes  # noqa: E402
 
 DEFAULT_PHOTOS = ROOT.parent / "shared" / "datasets" / "flickr8k" / "Images"
 BAD_EVERY = 10  # one request in ten is a bad upload
@@ -176,11 +177,12 @@ def markdown(args: argparse.Namespace, health: dict, results: list[LoadResult], 
         f"- Command: `{command}` (from the repository root)",
         f"- Machine: {cores}-core CPU ({platform.machine()}), no GPU; the server reports {health['device']}",
         f"- Date: {datetime.date.today().isoformat()}",
-        f"- Model: `{health['model']}` ({health['decoder']} decoder, {health['encoder']} encoder with "
+        f"- Model: `{_relative(health['model'])}` ({health['decoder']} decoder, {health['encoder']} encoder with "
         f"weights {health['encoder_weights']}, {health['vocabulary_size']} words), beam {health['beam']}",
-        f"- Load: {args.requests} requests of one photo each from {args.clients} concurrent clients (httpx), "
+        f"- Requests: {args.requests} requests of one photo each from {args.clients} concurrent clients (httpx), "
         f"{bad} of them bad uploads (text file, truncated JPEG, empty file) that must get 422; "
         "client and server share the same cores",
+        conditions(),
         "",
         "| | " + " | ".join(r.label for r in results) + " |",
         "|---|" + "---:|" * len(results),
@@ -195,6 +197,14 @@ def markdown(args: argparse.Namespace, health: dict, results: list[LoadResult], 
         "",
     ]
     return "\n".join(lines)
+
+
+def _relative(path: str) -> str:
+    """Return `path` relative to the repository when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
 
 
 def main(argv: list[str] | None = None) -> int:
