@@ -10,8 +10,9 @@ import pytest
 
 from models.attention import AttentionDecoder, AttentionStepper, build_attention_model, draw_attention_map
 from models.config import CaptionModelConfig
-from models.decoding import beam_search, greedy_decode
+from models.decoding import MergeStepper, beam_search, greedy_decode
 from models.inject import InjectStepper, build_inject_model
+from models.merge import build_merge_model
 from models.rundir import load_run, save_model_without_optimizer
 from models.training import compile_caption_model
 from pipeline.embeddings import WordVectorError, embedding_matrix, read_word_vectors
@@ -22,8 +23,8 @@ CONFIG = CaptionModelConfig(
     vocab_size=12, max_caption_length=8, feature_dim=6, embedding_dim=5, units=7, spatial_shape=SPATIAL
 )
 CAPTIONS = np.array([[2, 4, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0, 0], [2, 8, 9, 10, 11, 4, 3]], dtype=np.int32)
-BUILDERS = {"inject": build_inject_model, "attention": build_attention_model}
-STEPPERS = {"inject": InjectStepper, "attention": AttentionStepper}
+BUILDERS = {"merge": build_merge_model, "inject": build_inject_model, "attention": build_attention_model}
+STEPPERS = {"merge": MergeStepper, "inject": InjectStepper, "attention": AttentionStepper}
 DECODERS_AND_CELLS = [(d, c) for d in ("inject", "attention") for c in ("lstm", "gru")]
 
 
@@ -87,7 +88,8 @@ def test_attention_decoder_config_round_trips():
     )
 
 
-@pytest.mark.parametrize("decoder,cell", DECODERS_AND_CELLS)
+# Every decoder's beam-search step function, the merge model's included.
+@pytest.mark.parametrize("decoder,cell", [(d, c) for d in ("merge", "inject", "attention") for c in ("lstm", "gru")])
 def test_step_function_matches_the_teacher_forced_model(decoder, cell):
     model = _model(decoder, seed=2, cell=cell)
     features = _features(decoder)
