@@ -3,6 +3,7 @@
 python train.py --epochs 20
 python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out runs/merge --resume
 python train.py --decoder attention --embeddings glove.6B.300d.txt --out runs/attention
+python train.py --self-critical runs/merge --epochs 15 --lr 5e-5 --out runs/merge_scst
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs") / "merge", help="run directory to write")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3; 5e-5 with --self-critical)")
     parser.add_argument("--min-count", type=int, default=5, help="keep words seen at least this often in train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
@@ -52,8 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="weight of the doubly stochastic attention penalty (attention decoder)",
     )
     parser.add_argument("--limit-train", type=int, help="use only the first N train images (quick comparisons)")
+    critical = parser.add_argument_group(
+        "self-critical training",
+        "fine-tune a trained run on CIDEr-D (Rennie et al. 2017): sample captions, reward each with its CIDEr-D, "
+        "keep the epoch with the best dev CIDEr-D; --epochs, --lr, --seed, --patience, --limit-train apply, "
+        "decoder options come from the run",
+    )
+    critical.add_argument("--self-critical", type=Path, metavar="RUN_DIR", help="the trained run to start from")
+    critical.add_argument("--samples", type=int, default=5, help="captions sampled per image")
+    critical.add_argument("--batch-images", type=int, default=50, help="images per update")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train"):
+    for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.dropout < 1:
@@ -62,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--attention-regularization must not be negative")
     if args.freeze_embeddings and not args.embeddings:
         parser.error("--freeze-embeddings needs --embeddings FILE")
+    if args.samples < 2:
+        parser.error("--samples must be at least 2 (each sample's baseline is the mean of the others)")
     return args
 
 
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     options = TrainingOptions(
         args.epochs,
         args.batch_size,
-        args.lr,
+        args.lr or 1e-3,
         args.min_count,
         args.seed,
         args.patience,
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedding_dim is not None:
         model_options["embedding_dim"] = args.embedding_dim
     errors = (TrainingError, FeatureStoreError, CaptionFileError, RunDirError, VocabularyError, WordVectorError)
+    if args.self_critical is not None:
+        return self_critical(args, errors)
     with clean_errors(*errors):
         result = train_caption_model(args.features, args.data, args.out, options, model_options, args.resume)
     print(
@@ -102,6 +116,27 @@ def main(argv: list[str] | None = None) -> int:
         f"best dev loss {result.best_val_loss:.4f}"
         if result.best_val_loss is not None
         else ""
+    )
+    return 0
+
+
+def self_critical(args: argparse.Namespace, errors: tuple) -> int:
+    from models.self_critical import SelfCriticalOptions, self_critical_train
+
+    options = SelfCriticalOptions(
+        epochs=args.epochs,
+        batch_images=args.batch_images,
+        samples=args.samples,
+        learning_rate=args.lr or SelfCriticalOptions.learning_rate,
+        patience=args.patience,
+        seed=args.seed,
+        limit_train=args.limit_train,
+    )
+    with clean_errors(*errors):
+        result = self_critical_train(args.self_critical, args.features, args.data, args.out, options, args.resume)
+    print(
+        f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev CIDEr-D "
+        f"{result.start_dev_cider:.4f} at the start, best {result.best_dev_cider:.4f} (epoch {result.best_epoch})"
     )
     return 0
 

@@ -169,3 +169,36 @@ def beam_search(
             hypotheses.append(Hypothesis(ids, float(scores[i, j]), float(scores[i, j] / norm)))
         results.append(sorted(hypotheses, key=lambda h: -h.score))
     return results
+
+
+def sample_captions(
+    stepper,
+    features: np.ndarray,
+    samples: int,
+    max_length: int,
+    rng: np.random.Generator,
+    start_id: int = 2,
+    end_id: int = 3,
+    banned_ids: tuple[int, ...] = (0, 1, 2),
+) -> np.ndarray:
+    """Return `samples` captions drawn from the model's distribution for each image, all in one batch.
+
+    Rows are image-major (image 0's samples first), shape (len(features) * samples, max_length); each
+    caption ends with `<end>` unless cut at `max_length`, and is padded with 0 after it. Words are drawn
+    with the Gumbel-max trick: argmax(log p + Gumbel noise) is a draw from p.
+    """
+    rows = len(features) * samples
+    state = stepper.start(np.repeat(np.asarray(features, dtype=np.float32), samples, axis=0))
+    tokens = np.full(rows, start_id, dtype=np.int32)
+    captions = np.zeros((rows, max_length), dtype=np.int32)
+    done = np.zeros(rows, dtype=bool)
+    for t in range(max_length):
+        log_probs, state = stepper.step(tokens, state)
+        log_probs[:, list(banned_ids)] = -np.inf
+        tokens = np.argmax(log_probs + rng.gumbel(size=log_probs.shape), axis=1).astype(np.int32)
+        tokens[done] = 0  # a finished caption is fed padding; its further outputs are never used
+        captions[:, t] = tokens
+        done |= tokens == end_id
+        if done.all():
+            break
+    return captions

@@ -1,0 +1,336 @@
+"""Self-critical sequence training (Rennie et al., 2017): fine-tune a trained caption run on CIDEr-D.
+
+Teacher forcing maximises the likelihood of each next word; the scores captioners are compared on
+judge whole sentences. Here the model samples K captions per image, each is scored with CIDEr-D
+against that image's references, and a policy gradient raises the log-probability of the captions
+that beat the mean of the other K - 1 samples of the same image and lowers the others (the baseline of
+Luo, "A better variant of self-critical sequence training", 2020: no extra greedy pass needed).
+
+The reward is pycocoevalcap's own CIDEr-D, with document frequencies taken once from the references
+of the whole train split (the scorer would otherwise take them from each small batch). Every epoch
+the dev split is captioned with beam search and scored the same way; the best epoch is the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
+
+from features.store import FeatureStore, atomic_write_bytes
+from models.captioner import DEFAULT_LENGTH_PENALTY, make_stepper
+from models.decoding import beam_search, sample_captions
+from models.rundir import (
+    HISTORY_FILE,
+    MODEL_FILE,
+    VOCABULARY_FILE,
+    CaptionRun,
+    load_run,
+    save_model_without_optimizer,
+    write_json,
+)
+from models.training import CHECKPOINT_FILE, STATE_FILE, TrainingError, describe_device, open_spatial_maps
+from pipeline.batches import LENGTH_BUCKET
+from pipeline.captions import load_captions, load_split, select_split
+
+
+@dataclass
+class SelfCriticalOptions:
+    epochs: int = 10
+    batch_images: int = 50  # images per update; each contributes `samples` captions
+    samples: int = 5
+    learning_rate: float = 5e-5
+    max_length: int = 20  # words sampled per caption at most (Flickr8k references average 11)
+    patience: int = 3  # stop after this many epochs without a better dev CIDEr-D
+    beam: int = 3  # dev captions for model selection, as infer.py writes them
+    seed: int = 0
+    limit_train: int | None = None  # the first N train images only (quick runs, tests)
+
+
+class _CorpusCiderScorer(CiderScorer):
+    """pycocoevalcap's CIDEr-D scorer with the document frequencies of a whole reference corpus.
+
+    `compute_cider` sets `ref_len` to log(number of scored items); here it stays log(corpus size), so
+    a batch is scored exactly as if it were part of the corpus.
+    """
+
+    def __init__(self, document_frequency: dict, corpus_size: int):
+        self._corpus_ref_len = float(np.log(float(corpus_size)))
+        super().__init__()
+        self.document_frequency = document_frequency
+
+    ref_len = property(lambda self: self._corpus_ref_len, lambda self, value: None)
+
+
+class CiderReward:
+    """CIDEr-D of captions against the references of the image each one describes."""
+
+    def __init__(self, references: dict[str, list[list[str]]]):
+        """`references`: image id -> its reference captions as word lists (the corpus for the idf)."""
+        self.references = {i: cook_refs([" ".join(words) for words in refs]) for i, refs in references.items()}
+        self.document_frequency: dict = defaultdict(float)
+        for refs in self.references.values():
+            for ngram in {ngram for ref in refs for ngram in ref}:
+                self.document_frequency[ngram] += 1
+        self.document_frequency = dict(self.document_frequency)
+
+    def __call__(self, image_ids: list[str], captions: list[list[str]]) -> np.ndarray:
+        """Return the CIDEr-D of each caption (a word list) against the references of its image."""
+        scorer = _CorpusCiderScorer(defaultdict(float, self.document_frequency), len(self.references))
+        scorer.crefs = [self.references[i] for i in image_ids]
+        scorer.ctest = [cook_test(" ".join(words)) for words in captions]
+        return np.asarray(scorer.compute_cider(), dtype=np.float64)
+
+
+def leave_one_out_advantages(rewards: np.ndarray, samples: int) -> np.ndarray:
+    """Return each sample's reward minus the mean reward of the other samples of the same image.
+
+    `rewards` is image-major: (images * samples,).
+    """
+    grouped = rewards.reshape(-1, samples)
+    others = (grouped.sum(axis=1, keepdims=True) - grouped) / (samples - 1)
+    return (grouped - others).reshape(-1)
+
+
+def teacher_forcing_arrays(
+    captions: np.ndarray, start_id: int, end_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (decoder inputs, targets, mask) for sampled captions (rows of ids ending in <end>, 0 after).
+
+    The inputs are `<start>` then the caption without its last token; the mask is 1 on every generated
+    token up to and including `<end>`. The width is cut to the longest caption, rounded up to a multiple
+    of LENGTH_BUCKET, so only a few shapes get traced.
+    """
+    mask = np.cumsum(captions == end_id, axis=1) - (captions == end_id) == 0  # True up to the first <end>
+    mask &= captions != 0
+    longest = int(mask.sum(axis=1).max()) if len(captions) else 1
+    width = min(captions.shape[1], max(LENGTH_BUCKET, math.ceil(longest / LENGTH_BUCKET) * LENGTH_BUCKET))
+    targets = np.where(mask, captions, 0)[:, :width].astype(np.int32)
+    inputs = np.concatenate([np.full((len(captions), 1), start_id, np.int32), targets[:, :-1]], axis=1)
+    return inputs, targets, mask[:, :width].astype(np.float32)
+
+
+def policy_gradient_update(model: keras.Model, optimizer: keras.optimizers.Optimizer):
+    """Return a traced update: (inputs, targets, mask, advantages) -> loss, one optimizer step.
+
+    The loss is -sum(advantage * log p(word)) over the masked words, divided by their number: a
+    caption with a positive advantage becomes more probable, one with a negative advantage less.
+    Dropout stays off, so the gradient is that of the distribution the captions were sampled from.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def update(inputs, targets, mask, advantages):
+        with tf.GradientTape() as tape:
+            probabilities = model(inputs, training=False)
+            picked = tf.gather(probabilities, targets, batch_dims=2)
+            log_probs = tf.math.log(tf.maximum(picked, 1e-12))
+            loss = -tf.reduce_sum(advantages[:, None] * log_probs * mask) / tf.reduce_sum(mask)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return loss
+
+    return update
+
+
+@dataclass
+class SelfCriticalResult:
+    run_dir: Path
+    epochs_run: int
+    best_epoch: int
+    best_dev_cider: float
+    start_dev_cider: float
+    seconds: float
+    device: str
+
+
+class _FeatureSource:
+    """The decoder's input for a list of image ids: pooled vectors from the store, or spatial maps."""
+
+    def __init__(self, features: str | Path, reads_regions: bool):
+        self.store = FeatureStore.load(features)
+        self.maps = open_spatial_maps(self.store, features) if reads_regions else None
+        self.input_name = "regions" if reads_regions else "image"
+
+    def ids(self) -> set[str]:
+        return set(self.store.features) if self.maps is None else set(self.store.features) & set(self.maps.index)
+
+    def get(self, image_ids: list[str]) -> np.ndarray:
+        return self.store.matrix(image_ids) if self.maps is None else self.maps.get(image_ids)
+
+    def close(self) -> None:
+        if self.maps is not None:
+            self.maps.close()
+
+
+def _dev_cider(
+    stepper, source: _FeatureSource, image_ids: list[str], reward: CiderReward, vocabulary, beam: int, max_length: int
+) -> float:
+    """Return the mean CIDEr-D of beam-search captions of the dev images (decoded in chunks of 500)."""
+    words = []
+    for start in range(0, len(image_ids), 500):
+        chunk = image_ids[start : start + 500]
+        for hypotheses in beam_search(
+            stepper, source.get(chunk), beam, max_length=max_length, length_penalty=DEFAULT_LENGTH_PENALTY
+        ):
+            words.append(vocabulary.decode(hypotheses[0].tokens))
+    return float(reward(image_ids, words).mean())
+
+
+def _history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def self_critical_train(
+    init_run: str | Path,
+    features: str | Path,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    options: SelfCriticalOptions,
+    resume: bool = False,
+    verbose: bool = True,
+) -> SelfCriticalResult:
+    """Fine-tune `init_run`'s model on CIDEr-D and write a new run directory (resumable) to `run_dir`."""
+    run_dir = Path(run_dir)
+    checkpoint, state_file = run_dir / CHECKPOINT_FILE, run_dir / STATE_FILE
+    if resume and not state_file.is_file():
+        raise TrainingError(f"{run_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
+    if not resume and state_file.is_file():
+        raise TrainingError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    if options.samples < 2:
+        raise TrainingError(
+            "self-critical training needs at least 2 samples per image (the baseline is the others' mean)"
+        )
+    keras.utils.set_random_seed(options.seed)
+    source_run = load_run(run_dir if resume else init_run)
+    vocabulary, config = source_run.vocabulary, source_run.config
+    source = _FeatureSource(features, source_run.model_config.reads_regions)
+    if source.store.encoder != config["encoder"] or source.store.dim != config["feature_dim"]:
+        raise TrainingError(
+            f"{features}: features of {source.store.encoder} ({source.store.dim}-d), but {init_run} was trained "
+            f"on {config['encoder']} ({config['feature_dim']}-d)"
+        )
+    captions = load_captions(data_dir)
+    available = source.ids()
+    train = select_split(captions, load_split(data_dir, "train")[: options.limit_train], available)
+    dev = select_split(captions, load_split(data_dir, "dev"), available)
+    if not train.image_ids or not dev.image_ids:
+        raise TrainingError(f"{data_dir}: self-critical training needs train and dev images with features")
+    train_reward, dev_reward = CiderReward(train.captions), CiderReward(dev.captions)
+
+    if resume:
+        state = json.loads(state_file.read_text())
+        model = keras.saving.load_model(checkpoint)
+        rows = [r for r in _history(run_dir / HISTORY_FILE) if int(r["epoch"]) <= state["epochs_done"]]
+    else:
+        model = source_run.model
+        model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), loss="sparse_categorical_crossentropy")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(init_run) / VOCABULARY_FILE, run_dir / VOCABULARY_FILE)
+        write_json(
+            run_dir / "config.json",
+            {
+                **config,
+                "self_critical": {**asdict(options), "init_run": str(init_run), "features": str(features)},
+                "train_images": len(train.image_ids),
+                "dev_images": len(dev.image_ids),
+            },
+        )
+        state, rows = {"epochs_done": 0}, []
+    optimizer = model.optimizer
+    stepper = make_stepper(CaptionRun(run_dir, model, vocabulary, config))
+    max_length = source_run.model_config.max_caption_length
+    device = describe_device()
+    update = policy_gradient_update(model, optimizer)
+
+    if not rows:  # the starting point, epoch 0, so every later epoch is compared with it
+        start_cider = _dev_cider(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
+        rows = [{"epoch": 0, "mean_reward": "", "dev_cider_d": f"{start_cider:.4f}", "seconds": "0"}]
+        _write_history(run_dir / HISTORY_FILE, rows)
+        save_model_without_optimizer(model, run_dir / MODEL_FILE)
+        if verbose:
+            print(
+                f"self-critical training on {device}: {len(train.image_ids)} train images; dev CIDEr-D at start {start_cider:.4f}"
+            )
+    scores = [float(r["dev_cider_d"]) for r in rows]
+    started = time.perf_counter()
+    epoch = state["epochs_done"]
+    for epoch in range(state["epochs_done"] + 1, options.epochs + 1):
+        if len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
+            break
+        epoch_started = time.perf_counter()
+        rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run draws the same
+        order = rng.permutation(len(train.image_ids))
+        rewards_seen = []
+        for start in range(0, len(order), options.batch_images):
+            ids = [train.image_ids[i] for i in order[start : start + options.batch_images]]
+            image_features = source.get(ids)
+            sampled = sample_captions(stepper, image_features, options.samples, options.max_length, rng)
+            repeated_ids = [i for i in ids for _ in range(options.samples)]
+            rewards = train_reward(repeated_ids, [vocabulary.decode(row) for row in sampled])
+            inputs, targets, mask = teacher_forcing_arrays(sampled, vocabulary.start_id, vocabulary.end_id)
+            update(
+                {source.input_name: np.repeat(image_features, options.samples, axis=0), "words": inputs},
+                targets,
+                mask,
+                leave_one_out_advantages(rewards, options.samples).astype(np.float32),
+            )
+            rewards_seen.append(rewards.mean())
+            if verbose and sys.stdout.isatty():
+                print(
+                    f"\repoch {epoch}: {start + len(ids)}/{len(order)} images, mean reward {np.mean(rewards_seen):.4f}",
+                    end="",
+                )
+        dev_cider = _dev_cider(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
+        seconds = time.perf_counter() - epoch_started
+        if dev_cider > max(scores):
+            save_model_without_optimizer(model, run_dir / MODEL_FILE)
+        scores.append(dev_cider)
+        rows.append(
+            {
+                "epoch": epoch,
+                "mean_reward": f"{np.mean(rewards_seen):.4f}",
+                "dev_cider_d": f"{dev_cider:.4f}",
+                "seconds": f"{seconds:.0f}",
+            }
+        )
+        _write_history(run_dir / HISTORY_FILE, rows)
+        temporary = run_dir / f".{CHECKPOINT_FILE}.tmp.keras"
+        model.save(temporary)
+        os.replace(temporary, checkpoint)
+        write_json(state_file, {"epochs_done": epoch})
+        if verbose:
+            print(
+                f"\repoch {epoch}/{options.epochs}: mean train reward (CIDEr-D of samples) {np.mean(rewards_seen):.4f}, "
+                f"dev CIDEr-D (beam {options.beam}) {dev_cider:.4f}, {seconds:.0f} s"
+            )
+    source.close()
+    best = int(np.argmax(scores))
+    return SelfCriticalResult(
+        run_dir, len(scores) - 1, best, scores[best], scores[0], time.perf_counter() - started, device
+    )
