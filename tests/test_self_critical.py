@@ -147,3 +147,14 @@ def test_cli_self_critical_bad_input_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such run directory" in err[0]
+
+
+def test_attention_run_fine_tunes_on_its_spatial_maps(tiny_attention_run, tiny_spatial_store, tiny_flickr, tmp_path):
+    from models.rundir import load_run
+
+    options = SelfCriticalOptions(epochs=1, batch_images=4, samples=2, learning_rate=1e-3)
+    result = self_critical_train(
+        tiny_attention_run, tiny_spatial_store, tiny_flickr, tmp_path / "a", options, verbose=False
+    )
+    assert result.epochs_run == 1
+    assert load_run(tmp_path / "a").model_config.decoder == "attention"
