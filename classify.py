@@ -1,6 +1,7 @@
 """Train, evaluate and use an image classifier on encoder features of a class-per-folder image set.
 
     python classify.py train --data DIR --out RUN_DIR [--head dense|gru] [--augment [flip,rotate,bright]]
+    python classify.py train --data DIR --out RUN_DIR --fine-tune-blocks 5 [--fine-tune-lr 1e-4] [--augment]
     python classify.py evaluate --model RUN_DIR --data DIR --json FILE [--plots DIR]
     python classify.py predict --model RUN_DIR photo.jpg [more.jpg ...] [--json]
 
@@ -8,6 +9,14 @@ DIR holds one sub-folder of images per class (DIR/daisy/*.jpg, DIR/tulips/*.jpg,
 extracted once into a feature store (default features/store/<parent>_<folder>_<encoder>.pkl) and
 reused; an interrupted extraction resumes. On the folder a run was trained on, `evaluate` scores the
 run's own validation split; on any other class folder, every image.
+
+--fine-tune-blocks N (EfficientNet-Lite encoders, dense head) also trains the encoder's last N MBConv
+blocks and its 1x1 head conv: the rest of the encoder runs once per image into an activation cache
+beside the feature store (<store>.block<K>.h5, K = first tuned block), the head is trained first on
+the frozen encoder's pooled vectors, then blocks and head together at --fine-tune-lr for up to
+--fine-tune-epochs epochs (BatchNorm statistics stay frozen). Lite0 has 16 blocks: N=1 is the
+192->320 block at 7x7, N=5 adds the four 112->192 blocks (the first one stride 2, from 14x14).
+The run directory works with evaluate, predict and infer.py --classifier like any other.
 """
 
 from __future__ import annotations
@@ -55,6 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--label-smoothing", type=float, default=0.0, help="smooth the one-hot targets (default 0)")
     train.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(ENCODERS))
     train.add_argument("--weights", default="imagenet", help="encoder weights: imagenet | PATH | none")
+    train.add_argument(
+        "--fine-tune-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train the encoder's last N blocks (dense head, efficientnet_lite*; default 0: frozen encoder)",
+    )
+    train.add_argument("--fine-tune-epochs", type=int, default=10, help="epochs of blocks + head together (10)")
+    train.add_argument("--fine-tune-lr", type=float, default=1e-4, help="Adam learning rate of that phase (1e-4)")
     train.add_argument("--no-progress", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="score a run: accuracy, per-class F1, confusion, ROC")
@@ -73,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     if args.command == "train":
-        for name in ("epochs", "batch_size", "patience", "rnn_units"):
+        for name in ("epochs", "batch_size", "patience", "rnn_units", "fine_tune_epochs"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be positive")
         if args.units < 0:
@@ -83,8 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("dropout", "label_smoothing"):
             if not 0 <= getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
-        if args.lr <= 0:
-            parser.error("--lr must be positive")
+        if args.lr <= 0 or args.fine_tune_lr <= 0:
+            parser.error("--lr and --fine-tune-lr must be positive")
+        if args.fine_tune_blocks < 0:
+            parser.error("--fine-tune-blocks must be 0 (frozen encoder) or positive")
+        if args.fine_tune_blocks and args.head != "dense":
+            parser.error("--fine-tune-blocks works with the dense head only")
         if args.l2 < 0:
             parser.error("--l2 must be 0 or positive")
         args.augment = [name.strip() for name in args.augment.split(",") if name.strip()]
@@ -114,6 +136,9 @@ def train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         encoder=args.encoder,
         weights=args.weights,
+        fine_tune_blocks=args.fine_tune_blocks,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_lr=args.fine_tune_lr,
     )
     result = train_classifier(args.data, args.out, options, args.features, progress=not args.no_progress)
     if result.empty_classes:
@@ -123,8 +148,9 @@ def train(args: argparse.Namespace) -> int:
         )
     if result.unreadable:
         print(f"warning: skipped {len(result.unreadable)} unreadable image(s)", file=sys.stderr)
+    fine_tuned = f" ({result.fine_tune_epochs_run} fine-tuning the encoder's top)" if args.fine_tune_blocks else ""
     print(
-        f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
+        f"{result.run_dir}: {result.epochs_run} epochs{fine_tuned} in {result.seconds:.0f} s on {result.device}; "
         f"validation accuracy {result.val_accuracy:.4f}, loss {result.best_val_loss:.4f} "
         f"({result.train_images} train + {result.augmented_images} augmented, "
         f"{result.validation_images} validation images)"

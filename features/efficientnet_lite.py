@@ -100,31 +100,69 @@ def block_layout(variant: LiteVariant) -> list[tuple[int, int, int, int, int]]:
     return blocks
 
 
+def _conv_bn(x, filters, kernel, stride, name, depthwise=False):
+    if depthwise:
+        x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    else:
+        x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    return layers.BatchNormalization(epsilon=BATCH_NORM_EPSILON, name=f"{name}_bn")(x)
+
+
+def _blocks_and_head(x, variant: LiteVariant, first_block: int = 0):
+    """Apply MBConv blocks `first_block`.. and the 1x1 head (conv -> BN -> ReLU6) to `x`."""
+    for index, (kernel, stride, expand, in_f, out_f) in enumerate(block_layout(variant)):
+        if index < first_block:
+            continue
+        block_input = x
+        if expand != 1:
+            x = layers.ReLU(6.0)(_conv_bn(x, in_f * expand, 1, 1, f"block{index}_expand"))
+        x = layers.ReLU(6.0)(_conv_bn(x, None, kernel, stride, f"block{index}_dw", depthwise=True))
+        x = _conv_bn(x, out_f, 1, 1, f"block{index}_project")
+        if stride == 1 and in_f == out_f:
+            x = layers.Add(name=f"block{index}_add")([x, block_input])
+    return layers.ReLU(6.0, name="head_relu")(_conv_bn(x, 1280, 1, 1, "head"))
+
+
 def build_efficientnet_lite(variant: LiteVariant, include_top: bool = False) -> keras.Model:
     """Return the Keras network; outputs the 7x7x1280 head map, or ImageNet logits with include_top."""
     inputs = keras.Input((variant.image_size, variant.image_size, 3), name="image")
-
-    def conv_bn(x, filters, kernel, stride, name, depthwise=False):
-        if depthwise:
-            x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-        else:
-            x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-        return layers.BatchNormalization(epsilon=BATCH_NORM_EPSILON, name=f"{name}_bn")(x)
-
-    x = layers.ReLU(6.0, name="stem_relu")(conv_bn(inputs, 32, 3, 2, "stem"))
-    for index, (kernel, stride, expand, in_f, out_f) in enumerate(block_layout(variant)):
-        block_input = x
-        if expand != 1:
-            x = layers.ReLU(6.0)(conv_bn(x, in_f * expand, 1, 1, f"block{index}_expand"))
-        x = layers.ReLU(6.0)(conv_bn(x, None, kernel, stride, f"block{index}_dw", depthwise=True))
-        x = conv_bn(x, out_f, 1, 1, f"block{index}_project")
-        if stride == 1 and in_f == out_f:
-            x = layers.Add(name=f"block{index}_add")([x, block_input])
-    x = layers.ReLU(6.0, name="head_relu")(conv_bn(x, 1280, 1, 1, "head"))
+    x = layers.ReLU(6.0, name="stem_relu")(_conv_bn(inputs, 32, 3, 2, "stem"))
+    x = _blocks_and_head(x, variant)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dense(1000, name="predictions")(x)
     return keras.Model(inputs, x, name=variant.name)
+
+
+# ---- splitting the network for fine-tuning its top: bottom (frozen, run once) | top (trained) ----
+
+
+def block_input_layer(variant: LiteVariant, first_block: int) -> str:
+    """Return the name of the first layer of block `first_block`; its input is where the network splits."""
+    blocks = block_layout(variant)
+    if not 1 <= first_block < len(blocks):
+        raise ValueError(f"{variant.name}: a split needs a block index in 1..{len(blocks) - 1}, got {first_block}")
+    return f"block{first_block}_{'expand' if blocks[first_block][2] != 1 else 'dw'}_conv"
+
+
+def block_input_shape(variant: LiteVariant, first_block: int) -> tuple[int, int, int]:
+    """Return the (H, W, C) activation that enters block `first_block` (the bottom's output)."""
+    blocks = block_layout(variant)
+    side = -(-variant.image_size // 2)  # the stride-2 stem; "same" padding rounds up
+    for block in blocks[:first_block]:
+        side = -(-side // block[1])  # the block's stride
+    return (side, side, blocks[first_block][3])
+
+
+def build_efficientnet_lite_top(variant: LiteVariant, first_block: int) -> keras.Model:
+    """Return blocks `first_block`.. + head + global average pool: (H, W, C) activation -> pooled vector.
+
+    Its layers carry the same names as in `build_efficientnet_lite`, so weights copy across by name.
+    """
+    block_input_layer(variant, first_block)  # validates the index
+    inputs = keras.Input(block_input_shape(variant, first_block), name="activations")
+    pooled = layers.GlobalAveragePooling2D(name="avg_pool")(_blocks_and_head(inputs, variant, first_block))
+    return keras.Model(inputs, pooled, name=f"{variant.name}_top{first_block}")
 
 
 def _torch_to_keras(model: keras.Model, state: dict[str, np.ndarray], variant: LiteVariant) -> None:

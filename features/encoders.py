@@ -13,7 +13,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from features.efficientnet_lite import VARIANTS, build_efficientnet_lite, imagenet_weights_file
+from features.efficientnet_lite import (
+    VARIANTS,
+    block_input_layer,
+    block_layout,
+    build_efficientnet_lite,
+    build_efficientnet_lite_top,
+    imagenet_weights_file,
+)
 
 
 class EncoderError(ValueError):
@@ -141,3 +148,33 @@ def build_encoder(name: str, weights: str | Path | None = "imagenet", spatial: b
     if spatial:
         outputs.append(backbone.get_layer(spec.spatial_layer).output)
     return keras.Model(backbone.input, outputs, name=f"{name}_encoder")
+
+
+def split_point(name: str, fine_tune_blocks: int) -> int:
+    """Return the index of the first block of the top when the last `fine_tune_blocks` blocks are tuned."""
+    if name not in VARIANTS:
+        raise EncoderError(f"only the EfficientNet-Lite encoders can be split for fine-tuning, not {name!r}")
+    count = len(block_layout(VARIANTS[name]))
+    if not 1 <= fine_tune_blocks < count:
+        raise EncoderError(f"{name} has {count} blocks: fine-tune between 1 and {count - 1} of them")
+    return count - fine_tune_blocks
+
+
+def build_encoder_split(
+    name: str, weights: str | Path | None = "imagenet", fine_tune_blocks: int = 1
+) -> tuple[keras.Model, keras.Model]:
+    """Return (bottom, top): preprocessed images -> block activations, and activations -> pooled vector.
+
+    The top holds the last `fine_tune_blocks` MBConv blocks and the 1x1 head conv, with the encoder's
+    weights; top(bottom(x)) is the encoder's pooled vector.
+    """
+    first_block = split_point(name, fine_tune_blocks)
+    encoder = build_encoder(name, weights)
+    bottom = keras.Model(
+        encoder.input, encoder.get_layer(block_input_layer(VARIANTS[name], first_block)).input, name=f"{name}_bottom"
+    )
+    top = build_efficientnet_lite_top(VARIANTS[name], first_block)
+    for layer in top.layers:
+        if layer.weights:
+            layer.set_weights(encoder.get_layer(layer.name).get_weights())
+    return bottom, top

@@ -3,8 +3,11 @@
 dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, softmax)   (units=0: no hidden layer)
 gru:   spatial map (H, W, C) -> Reshape (H*W regions, C) -> Dropout -> GRU(rnn_units) -> Dense(classes, softmax)
 An L2 penalty (`l2`), if set, applies to every kernel of the head.
+fine-tuned (fine_tune_blocks = N > 0, dense head only): the model reads the activations that enter the
+encoder's last N blocks and runs those blocks itself (models/classifier_finetune.py); photos go
+through the frozen bottom of the encoder first.
 
-RUN_DIR/model.keras    best head (no optimizer state)
+RUN_DIR/model.keras    best head, or fine-tuned top + head (no optimizer state)
 RUN_DIR/classes.json   class names in output order
 RUN_DIR/config.json    task, encoder, weights, head, feature shape, classes, split seed, training options
 RUN_DIR/split.json     the train and validation image ids
@@ -14,6 +17,7 @@ RUN_DIR/history.csv    per-epoch loss/accuracy; RUN_DIR/curves.png the same as a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,7 +25,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from features.encoders import EncoderSpec, build_encoder, get_encoder_spec
+from features.activations import activation_cache_path, cache_activations, cached_ids, read_activations
+from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
 from features.extract import ExtractionReport, extract_features
 from features.images import ImageDecodeError, load_image
 from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
@@ -48,6 +53,7 @@ class ClassifierConfig:
     rnn_units: int = 128  # gru head: GRU state size
     dropout: float = 0.5
     l2: float = 0.0  # weight of the L2 penalty on every kernel; 0 = none
+    fine_tune_blocks: int = 0  # last MBConv blocks of the encoder trained with the head; 0 = frozen encoder
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +116,11 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
         raise ClassifierError(f"units must be >= 0 and rnn_units >= 1, got {config.units} and {config.rnn_units}")
     if not 0 <= config.dropout < 1 or config.l2 < 0:
         raise ClassifierError(f"dropout must be in [0, 1) and l2 >= 0, got {config.dropout} and {config.l2}")
+    if config.fine_tune_blocks < 0 or (config.fine_tune_blocks and config.head != "dense"):
+        raise ClassifierError(
+            f"fine-tuning the encoder takes a positive number of blocks and the dense head, "
+            f"got {config.fine_tune_blocks} blocks and the {config.head} head"
+        )
     return HEADS[config.head](config)
 
 
@@ -203,6 +214,47 @@ def predict_probabilities(model: keras.Model, inputs: np.ndarray, batch_size: in
         for start in range(0, len(inputs), PREDICT_CHUNK)
     ]
     return np.concatenate(chunks).astype(np.float32)
+
+
+@dataclass
+class HeadInputs:
+    """What a model reads, by image id, from the feature store or from the activation cache."""
+
+    path: Path  # the feature store, or the activation cache of a fine-tuned model
+    available: set[str]  # ids that can be read (readable images)
+    failed: dict[str, str]  # image id -> why it could not be encoded
+    read: Callable[[list[str]], np.ndarray]  # ids -> pooled vectors (float32), maps or activations (float16)
+
+
+def prepare_inputs(
+    sources: dict[str, Path],
+    store_path: str | Path,
+    encoder: str,
+    weights: str | Path | None,
+    config: ClassifierConfig,
+    progress: bool = True,
+    augment=None,
+) -> HeadInputs:
+    """Encode the images of `sources` not yet cached and return a reader of the model's inputs.
+
+    A frozen-encoder head reads the feature store at `store_path`; a fine-tuned model reads the
+    activation cache beside it (`features.activations.activation_cache_path`).
+    """
+    if config.fine_tune_blocks:
+        cache = activation_cache_path(store_path, encoder, config.fine_tune_blocks)
+        report = cache_activations(
+            sources, cache, encoder, weights, config.fine_tune_blocks, progress=progress, augment=augment
+        )
+        return HeadInputs(cache, cached_ids(cache), report.failed, lambda ids: read_activations(cache, ids))
+    store, report = ensure_features(
+        sources, store_path, encoder, weights, config.needs_spatial, progress=progress, augment=augment
+    )
+    return HeadInputs(
+        Path(store_path),
+        set(store.features),
+        report.failed,
+        lambda ids: head_inputs(store, store_path, ids, config.needs_spatial),
+    )
 
 
 # ---- the run directory ----
@@ -305,8 +357,8 @@ def classify_files(
 ) -> tuple[list[Classification], dict[str, str]]:
     """Return (a classification of each readable image, {path: reason} for the unreadable ones).
 
-    Images are decoded with `load_image`, encoded with the run's encoder in fixed batches, and
-    classified in one `predict` call.
+    Images are decoded with `load_image`, encoded with the run's encoder (for a fine-tuned run, its
+    frozen bottom) in fixed batches, and classified in one `predict` call.
     """
     if not isinstance(run, ClassifierRun):
         run = load_classifier_run(run)
@@ -320,7 +372,11 @@ def classify_files(
             errors[str(path)] = str(error)
     if not pixels:
         return [], errors
-    encoder = build_encoder(spec.name, encoder_weights or run.config.get("weights", "imagenet"), config.needs_spatial)
+    weights = encoder_weights or run.config.get("weights", "imagenet")
+    if config.fine_tune_blocks:  # the frozen bottom here; the fine-tuned top is part of run.model
+        encoder, _ = build_encoder_split(spec.name, weights, config.fine_tune_blocks)
+    else:
+        encoder = build_encoder(spec.name, weights, config.needs_spatial)
     inputs = encode_pixels(encoder, spec, np.stack(pixels), config.needs_spatial)
     probabilities = predict_probabilities(run.model, inputs)
     results = []

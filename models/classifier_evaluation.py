@@ -1,7 +1,7 @@
 """Evaluating a classifier run: accuracy, per-class precision/recall/F1, confusion matrix, ROC curves.
 
 On the folder it was trained on, a run is evaluated on its own validation split (split.json); on any
-other class folder, on every image.
+other class folder, on every image. A fine-tuned run reads the activation cache beside the store.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from sklearn.metrics import auc, classification_report, confusion_matrix, roc_cu
 from models.classifier import (
     ClassifierRun,
     default_store_path,
-    ensure_features,
-    head_inputs,
     load_classifier_run,
     predict_probabilities,
+    prepare_inputs,
 )
 from models.rundir import write_json
 from pipeline.classes import ClassFolderError, load_class_folder
@@ -73,22 +72,22 @@ def evaluate_classifier(
         store_path = Path(features) if features else default_store_path(data_dir, run.config["encoder"])
     if not ids:
         raise ClassFolderError(f"{data_dir}: none of the images to evaluate is there")
-    store, report = ensure_features(
+    inputs = prepare_inputs(
         {i: folder.sources[i] for i in ids},
         store_path,
         run.config["encoder"],
         run.config.get("weights", "imagenet"),
-        config.needs_spatial,
+        config,
         progress=progress,
     )
-    ids = [i for i in ids if i in store.features]
+    ids = [i for i in ids if i in inputs.available]
     if not ids:
         raise ClassFolderError(f"{data_dir}: no image to evaluate could be read")
-    probabilities = predict_probabilities(run.model, head_inputs(store, store_path, ids, config.needs_spatial))
+    probabilities = predict_probabilities(run.model, inputs.read(ids))
     labels = np.array([folder.labels[i] for i in ids])
     evaluation = score(run, labels, probabilities)
     evaluation.data, evaluation.subset = str(data_dir), subset
-    evaluation.missing, evaluation.unreadable = missing, sorted(report.failed)
+    evaluation.missing, evaluation.unreadable = missing, sorted(inputs.failed)
     if plots_dir is not None:
         plots_dir = Path(plots_dir)
         plots_dir.mkdir(parents=True, exist_ok=True)
