@@ -100,8 +100,14 @@ def load_run(run_dir: str | Path = DEFAULT_RUN) -> CaptionRun:
 
 
 def save_model_without_optimizer(model: keras.Model, path: Path) -> None:
-    """Save the model's architecture and weights only (small, loadable anywhere), atomically."""
-    clone = keras.models.clone_model(model)
+    """Save the model's architecture and weights only (small, loadable anywhere), atomically.
+
+    The copy is rebuilt from the model's config without its compile config: `clone_model` of a
+    compiled model compiles the clone too on newer Keras (3.15), and its Adam slots would triple the file.
+    """
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    clone = keras.saving.deserialize_keras_object(config)
     clone.set_weights(model.get_weights())
     temporary = path.with_name(f".{path.stem}.tmp.keras")
     clone.save(temporary)

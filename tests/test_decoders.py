@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -73,6 +76,20 @@ def test_save_and_load_give_identical_outputs(decoder, cell, tmp_path):
     save_model_without_optimizer(model, tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     inputs = _inputs(decoder, CAPTIONS[:, :-1])
+    np.testing.assert_array_equal(np.asarray(model(inputs)), np.asarray(loaded(inputs)))
+
+
+@pytest.mark.parametrize("decoder", ["merge", "attention"])
+def test_a_trained_model_is_saved_without_its_optimizer(decoder, tmp_path):
+    model = _model(decoder, dropout=0.0)
+    compile_caption_model(model, 1e-3)
+    inputs, targets = _inputs(decoder, CAPTIONS[:, :-1]), CAPTIONS[:, 1:]
+    model.train_on_batch(inputs, targets)  # Adam now holds two slots per weight
+    save_model_without_optimizer(model, tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as archive, archive.open("model.weights.h5") as raw:
+        with h5py.File(io.BytesIO(raw.read())) as weights:
+            assert "optimizer" not in weights and "layers" in weights
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     np.testing.assert_array_equal(np.asarray(model(inputs)), np.asarray(loaded(inputs)))
 
 
