@@ -86,35 +86,9 @@ def cache_activations(
     present = cached_ids(cache_path)
     todo = [(image_id, Path(path)) for image_id, path in sorted(sources.items()) if image_id not in present]
     report.already_present = len(sources) - len(todo)
-    if todo:
-        _encode_into_shards(
-            todo,
-            _shard_folder(cache_path),
-            encoder,
-            weights,
-            fine_tune_blocks,
-            batch_size,
-            flush_every,
-            progress,
-            augment,
-            report,
-        )
-    _merge_shards(cache_path)
-    return report
-
-
-def _encode_into_shards(
-    todo,
-    shard_folder,
-    encoder,
-    weights,
-    fine_tune_blocks,
-    batch_size,
-    flush_every,
-    progress,
-    augment,
-    report: ExtractionReport,
-) -> None:
+    if not todo:
+        _merge_shards(cache_path)
+        return report
     spec = get_encoder_spec(encoder)
     bottom, _ = build_encoder_split(encoder, weights, fine_tune_blocks)
     pending_ids: list[str] = []
@@ -122,7 +96,9 @@ def _encode_into_shards(
 
     def flush() -> None:
         if pending_ids:
-            write_spatial_shard(shard_folder / f"part-{time.time_ns()}.h5", pending_ids, np.concatenate(pending_maps))
+            write_spatial_shard(
+                _shard_folder(cache_path) / f"part-{time.time_ns()}.h5", pending_ids, np.concatenate(pending_maps)
+            )
             pending_ids.clear()
             pending_maps.clear()
 
@@ -150,6 +126,8 @@ def _encode_into_shards(
         bar.close()
     flush()
     report.seconds = time.perf_counter() - started
+    _merge_shards(cache_path)
+    return report
 
 
 def _merge_shards(cache_path: Path) -> None:

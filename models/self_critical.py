@@ -42,7 +42,7 @@ from models.rundir import (
     save_model_without_optimizer,
     write_json,
 )
-from models.training import CHECKPOINT_FILE, STATE_FILE, TrainingError, describe_device, open_spatial_maps
+from models.training import CHECKPOINT_FILE, TrainingError, describe_device, open_spatial_maps, resume_files
 from pipeline.batches import LENGTH_BUCKET
 from pipeline.captions import load_captions, load_split, select_split
 
@@ -215,13 +215,7 @@ def self_critical_train(
 ) -> SelfCriticalResult:
     """Fine-tune `init_run`'s model on CIDEr-D and write a new run directory (resumable) to `run_dir`."""
     run_dir = Path(run_dir)
-    checkpoint, state_file = run_dir / CHECKPOINT_FILE, run_dir / STATE_FILE
-    if resume and not state_file.is_file():
-        raise TrainingError(f"{run_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
-    if not resume and state_file.is_file():
-        raise TrainingError(
-            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
-        )
+    checkpoint, state_file = resume_files(run_dir, resume)
     if options.samples < 2:
         raise TrainingError(
             "self-critical training needs at least 2 samples per image (the baseline is the others' mean)"

@@ -254,6 +254,21 @@ class TrainingResult:
     device: str
 
 
+def resume_files(run_dir: Path, resume: bool) -> tuple[Path, Path]:
+    """Return `run_dir`'s (last-epoch checkpoint, state file); refuse a resume or a restart that cannot be.
+
+    Resuming needs the state file of an interrupted run; starting afresh must not overwrite one.
+    """
+    checkpoint, state_file = run_dir / CHECKPOINT_FILE, run_dir / STATE_FILE
+    if resume and not state_file.is_file():
+        raise TrainingError(f"{run_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
+    if not resume and state_file.is_file():
+        raise TrainingError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    return checkpoint, state_file
+
+
 def train_caption_model(
     features: str | Path,
     data_dir: str | Path,
@@ -265,13 +280,7 @@ def train_caption_model(
 ) -> TrainingResult:
     """Train (or resume) a caption model and write its run directory."""
     run_dir = Path(run_dir)
-    checkpoint, state_file = run_dir / CHECKPOINT_FILE, run_dir / STATE_FILE
-    if resume and not state_file.is_file():
-        raise TrainingError(f"{run_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
-    if not resume and state_file.is_file():
-        raise TrainingError(
-            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
-        )
+    checkpoint, state_file = resume_files(run_dir, resume)
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
 
