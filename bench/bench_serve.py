@@ -182,7 +182,7 @@ def markdown(args: argparse.Namespace, health: dict, results: list[LoadResult], 
         f"- Requests: {args.requests} requests of one photo each from {args.clients} concurrent clients (httpx), "
         f"{bad} of them bad uploads (text file, truncated JPEG, empty file) that must get 422; "
         "client and server share the same cores",
-        conditions(),
+        conditions(side_by_side=False),  # the configurations run one after the other
         "",
         "| | " + " | ".join(r.label for r in results) + " |",
         "|---|" + "---:|" * len(results),

@@ -59,8 +59,11 @@ def other_training_jobs() -> list[str]:
 JOBS_AT_START = other_training_jobs()  # seen when the benchmark started, joined with those at the end
 
 
-def conditions() -> str:
-    """Return one markdown line on what else loaded the CPU while this benchmark ran."""
+def conditions(side_by_side: bool = True) -> str:
+    """Return one markdown line on what else loaded the CPU while this benchmark ran.
+
+    `side_by_side`: the benchmark timed the paths it compares interleaved, so a load affects them alike.
+    """
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else ["?"]
     jobs = list(dict.fromkeys(JOBS_AT_START + other_training_jobs()))
     if not jobs:
@@ -74,8 +77,13 @@ def conditions() -> str:
         f"- Load: the machine was also running {what} ({listed}) while this benchmark ran at nice "
         f"{os.nice(0)}, the other job{'s' if len(jobs) > 1 else ''} as set by {'their' if len(jobs) > 1 else 'its'} "
         f"own command (load average {' '.join(load)} at the end, on {os.cpu_count()} cores). Absolute figures "
-        "are therefore lower than on an idle machine; the ratios stay fair because both paths were timed side "
-        "by side (interleaved) in the same run, under the same load."
+        "are therefore lower than on an idle machine; "
+        + (
+            "the ratios stay fair because both paths were timed side by side (interleaved) in the same run, "
+            "under the same load."
+            if side_by_side
+            else "the figures were measured one after the other, so the load may have differed between them."
+        )
     )
 
 
@@ -95,6 +103,7 @@ class Report:
     sections: list[str] = field(default_factory=list)
     targets: list[tuple[str, float, float]] = field(default_factory=list)  # (what, measured, target)
     notes: list[str] = field(default_factory=list)
+    side_by_side: bool = True  # the compared paths were timed interleaved (see `conditions`)
 
     def target(self, what: str, measured: float, target: float) -> None:
         self.targets.append((what, measured, target))
@@ -106,7 +115,7 @@ class Report:
             f"- Command: `{command()}` (from the repository root)",
             f"- Machine: {machine()}",
             f"- Date: {datetime.date.today().isoformat()}",
-            conditions(),
+            conditions(self.side_by_side),
             "",
             self.summary,
         ]

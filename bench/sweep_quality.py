@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             "finished beams by log P / length^A. `seconds` includes decoding and scoring."
         ),
         sections=[markdown_table(headers, rows)],
+        side_by_side=False,  # settings run one after the other; only `seconds` feels the load
     )
     page.write(args.out)
     return 0
