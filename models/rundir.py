@@ -62,7 +62,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     """Return config.json of a run directory, checked for format and version."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory (train one with train.py, or omit --model)")
+        raise RunDirError(f"{run_dir}: no such run directory (train.py writes one)")
     try:
         config = read_versioned_json(
             path, RUN_FORMAT, RUN_FORMAT_VERSION, "run config written by train.py", RunDirError
