@@ -3,7 +3,7 @@
 python train.py --epochs 20
 python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out runs/merge --resume
 python train.py --decoder attention --embeddings glove.6B.300d.txt --out runs/attention
-python train.py --self-critical runs/merge --epochs 15 --lr 5e-5 --out runs/merge_scst
+python train.py --self-critical runs/merge --epochs 12 --out runs/merge_scst
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs") / "merge", help="run directory to write")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3; 5e-5 with --self-critical)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3; 2e-5 with --self-critical)")
     parser.add_argument("--min-count", type=int, default=5, help="keep words seen at least this often in train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")

@@ -52,7 +52,7 @@ class SelfCriticalOptions:
     epochs: int = 10
     batch_images: int = 50  # images per update; each contributes `samples` captions
     samples: int = 5
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-5  # the best of 1e-5 / 2e-5 / 5e-5 on Flickr8k dev (BENCHMARKS.md)
     max_length: int = 20  # words sampled per caption at most (Flickr8k references average 11)
     patience: int = 3  # stop after this many epochs without a better dev CIDEr-D
     beam: int = 3  # dev captions for model selection, as infer.py writes them
