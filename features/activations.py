@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from features.encoders import build_encoder_split, get_encoder_spec, split_point
-from features.extract import Augment, ExtractionReport, _weights_label, decoded_batches
-from features.images import ImageDecodeError
-from features.store import FeatureStoreError, SpatialMaps, atomic_write_bytes, merge_spatial, write_spatial_shard
+from features.extract import Augment, ExtractionReport, _weights_label, encoded_batches
+from features.store import (
+    FeatureStoreError,
+    SpatialMaps,
+    atomic_write_bytes,
+    merge_spatial_shards,
+    write_spatial_shard,
+)
 
 ENCODE_BATCH = 32
 
@@ -86,59 +91,45 @@ def cache_activations(
     present = cached_ids(cache_path)
     todo = [(image_id, Path(path)) for image_id, path in sorted(sources.items()) if image_id not in present]
     report.already_present = len(sources) - len(todo)
-    if not todo:
-        _merge_shards(cache_path)
-        return report
-    spec = get_encoder_spec(encoder)
-    bottom, _ = build_encoder_split(encoder, weights, fine_tune_blocks)
-    pending_ids: list[str] = []
-    pending_maps: list[np.ndarray] = []
+    if todo:
+        bottom, _ = build_encoder_split(encoder, weights, fine_tune_blocks)
+        pending_ids: list[str] = []
+        pending_maps: list[np.ndarray] = []
 
-    def flush() -> None:
-        if pending_ids:
-            write_spatial_shard(
-                _shard_folder(cache_path) / f"part-{time.time_ns()}.h5", pending_ids, np.concatenate(pending_maps)
-            )
-            pending_ids.clear()
-            pending_maps.clear()
+        def flush() -> None:
+            if pending_ids:
+                shard = _shard_folder(cache_path) / f"part-{time.time_ns()}.h5"
+                write_spatial_shard(shard, pending_ids, np.concatenate(pending_maps))
+                pending_ids.clear()
+                pending_maps.clear()
 
-    started = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc=f"cache {encoder} bottom", disable=not progress)
-    try:
-        for batch in decoded_batches(todo, spec.input_size, batch_size, os.cpu_count() or 2, augment=augment):
-            good = [(image_id, pixels) for image_id, pixels in batch if isinstance(pixels, np.ndarray)]
-            report.failed.update({i: str(e) for i, e in batch if isinstance(e, ImageDecodeError)})
-            if good:
-                images = spec.preprocess(np.stack([pixels for _, pixels in good]))
-                padded = np.zeros((batch_size, *images.shape[1:]), dtype=np.float32)  # one traced shape
-                padded[: len(images)] = images
-                activations = np.asarray(bottom.predict_on_batch(padded), dtype=np.float16)[: len(good)]
-                pending_ids.extend(image_id for image_id, _ in good)
-                pending_maps.append(activations)
-                report.extracted += len(good)
-            bar.update(len(batch))
-            if len(pending_ids) >= flush_every:
-                flush()
-    except KeyboardInterrupt:
+        started = time.perf_counter()
+        batches = encoded_batches(
+            bottom,
+            get_encoder_spec(encoder),
+            todo,
+            batch_size,
+            os.cpu_count() or 2,
+            report,
+            progress,
+            f"cache {encoder} bottom",
+            augment,
+        )
+        try:
+            with closing(batches):
+                for ids, (activations,) in batches:
+                    pending_ids.extend(ids)
+                    present.update(ids)
+                    pending_maps.append(activations.astype(np.float16))
+                    if len(pending_ids) >= flush_every:
+                        flush()
+        except KeyboardInterrupt:
+            flush()
+            raise
         flush()
-        raise
-    finally:
-        bar.close()
-    flush()
-    report.seconds = time.perf_counter() - started
-    _merge_shards(cache_path)
+        report.seconds = time.perf_counter() - started
+    merge_spatial_shards(cache_path, _shard_folder(cache_path), present)  # the cache's ids and the new ones
     return report
-
-
-def _merge_shards(cache_path: Path) -> None:
-    shard_folder = _shard_folder(cache_path)
-    shards = sorted(shard_folder.glob("part-*.h5")) if shard_folder.is_dir() else []
-    if shards:
-        merge_spatial(cache_path, ([cache_path] if cache_path.is_file() else []) + shards, cached_ids(cache_path))
-        for shard in shards:
-            shard.unlink()
-    if shard_folder.is_dir():
-        shard_folder.rmdir()
 
 
 def read_activations(cache_path: str | Path, ids: list[str]) -> np.ndarray:

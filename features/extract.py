@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from tqdm import tqdm
 
 from features.encoders import build_encoder, get_encoder_spec
 from features.images import ImageDecodeError, load_image
-from features.store import FeatureStore, FeatureStoreError, merge_spatial, spatial_path, write_spatial_shard
+from features.store import (
+    FeatureStore,
+    FeatureStoreError,
+    merge_spatial_shards,
+    spatial_path,
+    write_spatial_shard,
+)
 
 
 @dataclass
@@ -81,6 +88,42 @@ def decoded_batches(
             yield [(image_id, future.result()) for image_id, future in batch]
 
 
+def encoded_batches(
+    model,
+    spec,
+    todo: list[tuple[str, Path]],
+    batch_size: int,
+    workers: int,
+    report: ExtractionReport,
+    progress: bool,
+    desc: str,
+    augment: Augment | None = None,
+) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """Yield (ids, the model's outputs for them) batch by batch for the images of `todo`.
+
+    Images are decoded ahead in threads (`decoded_batches`), preprocessed with `spec`, and encoded with
+    `predict_on_batch` on batches padded to `batch_size`, so the compiled predict function is traced
+    once. The outputs come back as a list, one array per model output, cut to the batch's readable
+    images. Unreadable images go to `report.failed`; encoded ones count in `report.extracted`.
+    """
+    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not progress)
+    try:
+        for batch in decoded_batches(todo, spec.input_size, batch_size, workers, augment=augment):
+            good = [(image_id, pixels) for image_id, pixels in batch if isinstance(pixels, np.ndarray)]
+            report.failed.update({i: str(e) for i, e in batch if isinstance(e, ImageDecodeError)})
+            if good:
+                images = spec.preprocess(np.stack([pixels for _, pixels in good]))
+                padded = np.zeros((batch_size, *images.shape[1:]), dtype=np.float32)
+                padded[: len(images)] = images
+                outputs = model.predict_on_batch(padded)
+                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+                report.extracted += len(good)
+                yield [image_id for image_id, _ in good], [np.asarray(o)[: len(good)] for o in outputs]
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
 def _weights_label(weights: str | Path | None) -> str:
     return "none" if weights in (None, "none") else str(weights)
 
@@ -136,41 +179,24 @@ def extract_features(
         pending_maps.clear()
 
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {encoder}", disable=not progress)
+    batches = encoded_batches(
+        model, spec, todo, batch_size, workers or os.cpu_count() or 2, report, progress, f"extract {encoder}", augment
+    )
     try:
-        for batch in decoded_batches(
-            todo, spec.input_size, batch_size, workers or os.cpu_count() or 2, augment=augment
-        ):
-            good = [(image_id, pixels) for image_id, pixels in batch if isinstance(pixels, np.ndarray)]
-            report.failed.update({i: str(e) for i, e in batch if isinstance(e, ImageDecodeError)})
-            if good:
-                images = spec.preprocess(np.stack([pixels for _, pixels in good]))
-                # Pad short batches to the full size so the compiled predict function is traced once.
-                padded = np.zeros((batch_size, *images.shape[1:]), dtype=np.float32)
-                padded[: len(images)] = images
-                outputs = model.predict_on_batch(padded)
-                pooled = np.asarray(outputs[0] if spatial else outputs, dtype=np.float32)[: len(good)]
-                for (image_id, _), vector in zip(good, pooled, strict=True):
+        with closing(batches):
+            for ids, outputs in batches:
+                for image_id, vector in zip(ids, outputs[0].astype(np.float32), strict=True):
                     store.features[image_id] = vector
                     pending_ids.append(image_id)
                 if spatial:
-                    pending_maps.append(np.asarray(outputs[1], dtype=np.float16)[: len(good)])
-                report.extracted += len(good)
-            bar.update(len(batch))
-            if len(pending_ids) >= flush_every:
-                flush()
+                    pending_maps.append(outputs[1].astype(np.float16))
+                if len(pending_ids) >= flush_every:
+                    flush()
     except KeyboardInterrupt:
         flush()  # keep the finished work; the caller reports the interruption
         raise
-    finally:
-        bar.close()
     flush()
     report.seconds = time.perf_counter() - started
-    if spatial and shard_folder.is_dir():
-        target = spatial_path(out)
-        shards = sorted(shard_folder.glob("part-*.h5"))
-        merge_spatial(target, ([target] if target.is_file() else []) + shards, set(store.features))
-        for shard in shards:
-            shard.unlink()
-        shard_folder.rmdir()
+    if spatial:
+        merge_spatial_shards(spatial_path(out), shard_folder, set(store.features))
     return report

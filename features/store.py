@@ -162,6 +162,17 @@ def write_spatial_shard(path: Path, ids: list[str], maps: np.ndarray) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def merge_spatial_shards(target: Path, shard_folder: Path, keep_ids: set[str]) -> None:
+    """Merge the map shards an extraction flushed into `shard_folder` into `target`, then remove them."""
+    shards = sorted(shard_folder.glob("part-*.h5")) if shard_folder.is_dir() else []
+    if shards:
+        merge_spatial(target, ([target] if target.is_file() else []) + shards, keep_ids)
+        for shard in shards:
+            shard.unlink()
+    if shard_folder.is_dir():
+        shard_folder.rmdir()
+
+
 def merge_spatial(target: Path, sources: list[Path], keep_ids: set[str]) -> None:
     """Combine HDF5 map files into `target` (atomically), keeping the first copy of each id in keep_ids."""
     seen: dict[str, tuple[Path, int]] = {}
