@@ -383,8 +383,8 @@ def train_caption_model(
         )
     started = time.perf_counter()
     history = model.fit(
-        train,
-        validation_data=dev,
+        train.as_dataset(),
+        validation_data=None if dev is None else dev.as_dataset(),
         epochs=options.epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,

@@ -92,3 +92,39 @@ class CaptionSequence(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.shuffle:
             self.rng.shuffle(self.order)
+
+    def as_dataset(self):
+        """Return these batches as a `tf.data.Dataset` whose batch size and caption width are variable.
+
+        `model.fit(sequence)` is not safe with the TensorFlow backend: Keras infers each input's shape
+        from the first two batches (3.15: `NUM_BATCHES_FOR_TENSOR_SPEC`), and when both happen to be
+        padded to the same width, the first wider batch stops training ("`generator` yielded an
+        element of shape (64, 31) where an element of shape (None, 23) was expected"). Here the width
+        is declared variable. Each pass over the dataset is one epoch; passes after the first
+        reshuffle first, as `on_epoch_end` would.
+        """
+        import tensorflow as tf
+
+        inputs, targets, weights = self[0]
+
+        def spec(array: np.ndarray, variable_width: bool):
+            shape = (None, None, *array.shape[2:]) if variable_width else (None, *array.shape[1:])
+            return tf.TensorSpec(shape, tf.as_dtype(array.dtype))
+
+        signature = (
+            {name: spec(array, name == "words") for name, array in inputs.items()},
+            spec(targets, True),
+            spec(weights, True),
+        )
+        passes = 0
+
+        def batches():
+            nonlocal passes
+            if passes:
+                self.on_epoch_end()
+            passes += 1
+            for index in range(len(self)):
+                yield self[index]
+
+        dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+        return dataset.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(2)

@@ -105,3 +105,43 @@ def test_generator_reshuffles_every_epoch_and_covers_every_caption():
     second = epoch_order()
     assert sorted(first) == sorted(second) == list(range(4, 14))
     assert first != second
+
+
+def _widening_sequence(shuffle: bool = False, seed: int = 0) -> CaptionSequence:
+    """Six captions in batches of two: the first two batches pad to width 8, the third to 16."""
+    sequences = [[2, 4, 3], [2, 5, 3], [2, 6, 3], [2, 7, 3], [2, *range(4, 14), 3], [2, 8, 3]]
+    return CaptionSequence(
+        np.eye(6, 3, dtype=np.float32), np.arange(6), sequences, 20, batch_size=2, shuffle=shuffle, seed=seed
+    )
+
+
+def test_fit_on_the_dataset_survives_a_batch_wider_than_the_first_two():
+    import keras
+
+    from models.config import CaptionModelConfig
+    from models.merge import build_merge_model
+    from models.training import compile_caption_model
+
+    sequence = _widening_sequence()
+    assert [sequence[b][1].shape[1] for b in range(3)] == [7, 7, 15]
+    # Keras infers a PyDataset's shapes from its first two batches; fitting on `sequence` itself
+    # would fail at the third. The dataset declares the width variable.
+    keras.utils.set_random_seed(0)
+    model = build_merge_model(
+        CaptionModelConfig(vocab_size=14, max_caption_length=20, feature_dim=3, embedding_dim=4, units=5, dropout=0.0)
+    )
+    compile_caption_model(model, 1e-2)
+    history = model.fit(sequence.as_dataset(), validation_data=sequence.as_dataset(), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["val_loss"]).all()
+
+
+def test_dataset_passes_cover_every_caption_and_reshuffle_like_epochs():
+    sequence = _widening_sequence(shuffle=True, seed=1)
+    dataset = sequence.as_dataset()
+
+    def one_pass():
+        return [int(t) for inputs, _, _ in dataset for t in inputs["words"][:, 1].numpy()]
+
+    first, second = one_pass(), one_pass()
+    assert sorted(first) == sorted(second) == [4, 4, 5, 6, 7, 8]
+    assert first != second
