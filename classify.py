@@ -2,8 +2,8 @@
 
     python classify.py train --data DIR --out RUN_DIR [--head dense|gru] [--augment [flip,rotate,bright]]
     python classify.py train --data DIR --out RUN_DIR --fine-tune-blocks 5 [--fine-tune-lr 1e-4] [--augment]
-    python classify.py evaluate --model RUN_DIR --data DIR --json FILE [--plots DIR]
-    python classify.py predict --model RUN_DIR photo.jpg [more.jpg ...] [--json]
+    python classify.py evaluate --model RUN_DIR --data DIR --json FILE [--plots DIR] [--flip]
+    python classify.py predict --model RUN_DIR photo.jpg [more.jpg ...] [--json] [--flip]
 
 DIR holds one sub-folder of images per class (DIR/daisy/*.jpg, DIR/tulips/*.jpg, ...). Features are
 extracted once into a feature store (default features/store/<parent>_<folder>_<encoder>.pkl) and
@@ -17,6 +17,9 @@ the frozen encoder's pooled vectors, then blocks and head together at --fine-tun
 --fine-tune-epochs epochs (BatchNorm statistics stay frozen). Lite0 has 16 blocks: N=1 is the
 192->320 block at 7x7, N=5 adds the four 112->192 blocks (the first one stride 2, from 14x14).
 The run directory works with evaluate, predict and infer.py --classifier like any other.
+
+--flip (evaluate, predict; infer.py --classifier-flip) averages each image's class probabilities with
+those of its mirror image: a test-time augmentation that costs one more encoding per image.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import sys
 from pathlib import Path
 
 from cli import clean_errors, fail
+
+FLIP_HELP = "test-time augmentation: average each image's probabilities with its mirror image's"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,12 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluate.add_argument("--plots", type=Path, help="folder for confusion_matrix.png and roc.png")
     evaluate.add_argument("--features", type=Path, help="feature store (default: the run's, or one per folder)")
     evaluate.add_argument("--all", action="store_true", help="score every image, even of the training folder")
+    evaluate.add_argument("--flip", action="store_true", help=FLIP_HELP)
     evaluate.add_argument("--no-progress", action="store_true")
 
     predict = commands.add_parser("predict", help="print the class of each photo")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--model", type=Path, required=True, help="run directory from classify.py train")
     predict.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    predict.add_argument("--flip", action="store_true", help=FLIP_HELP)
 
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -165,12 +172,12 @@ def evaluate(args: argparse.Namespace) -> int:
         fail(f"--json {args.json}: is a folder; give the name of the metrics file to write")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     evaluation = evaluate_classifier(
-        args.model, args.data, args.features, args.plots, args.all, progress=not args.no_progress
+        args.model, args.data, args.features, args.plots, args.all, progress=not args.no_progress, flip=args.flip
     )
     write_evaluation(evaluation, args.json)
     print(evaluation.report_text)
     print(
-        f"{evaluation.subset} images: {evaluation.images}; accuracy {evaluation.accuracy:.4f}, "
+        f"{evaluation.subset} images: {evaluation.images}{' (each with its mirror)' if args.flip else ''}; accuracy {evaluation.accuracy:.4f}, "
         f"macro F1 {evaluation.macro_f1:.4f}; metrics in {args.json}"
     )
     for name, value in evaluation.roc_auc.items():
@@ -185,7 +192,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> int:
     from models.classifier import classify_files
 
-    results, errors = classify_files(args.model, args.images)
+    results, errors = classify_files(args.model, args.images, flip=args.flip)
     for reason in errors.values():
         print(f"error: {reason}", file=sys.stderr)
     if args.json:

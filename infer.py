@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(several images: one PNG each, named OUT_<image>.png)",
     )
     parser.add_argument("--classifier", type=Path, help="image-classifier run (classify.py train): add its class")
+    parser.add_argument(
+        "--classifier-flip",
+        action="store_true",
+        help="average the classifier's probabilities over each image and its mirror (test-time augmentation)",
+    )
     args = parser.parse_args(argv)
     if args.beam < 1:
         parser.error("--beam must be at least 1")
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         classes = {}
         if classifier is not None and captions:
-            classes = {c.image: c for c in classify_files(classifier, [c.image for c in captions])[0]}
+            labelled, _ = classify_files(classifier, [c.image for c in captions], flip=args.classifier_flip)
+            classes = {c.image: c for c in labelled}
     for reason in errors.values():
         print(f"error: {reason}", file=sys.stderr)
     if args.json:

@@ -26,6 +26,7 @@ import numpy as np
 from keras import layers, ops
 
 from features.activations import activation_cache_path, cache_activations, cached_ids, read_activations
+from features.augment import AUGMENTATIONS
 from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
 from features.extract import ExtractionReport, extract_features
 from features.images import ImageDecodeError, load_image
@@ -37,6 +38,7 @@ CLASSES_FILE, SPLIT_FILE = "classes.json", "split.json"
 ENCODE_BATCH = 32
 STORE_FOLDER = Path("features") / "store"
 PREDICT_CHUNK = 512  # rows widened to float32 at a time when predicting from float16 maps
+FLIP = "flip"  # the test-time augmentation: a horizontal mirror (features.augment)
 
 
 class ClassifierError(ValueError):
@@ -158,6 +160,16 @@ def default_store_path(data_dir: str | Path, encoder: str) -> Path:
     """Return the default feature store of a class folder: features/store/<parent>_<folder>_<encoder>.pkl."""
     data_dir = Path(data_dir).resolve()
     return STORE_FOLDER / f"{data_dir.parent.name}_{data_dir.name}_{encoder}.pkl"
+
+
+def augmented_store_path(store_path: str | Path) -> Path:
+    """Return the store of augmented variants (`id#flip`, ...) beside the originals' store.
+
+    Training reads the variants of its train images from it; test-time flipping, those of the images
+    it scores. Variants are named by their image, so one store serves both without mixing them.
+    """
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}.augmented{store_path.suffix}")
 
 
 def ensure_features(
@@ -353,12 +365,17 @@ def encode_pixels(encoder: keras.Model, spec: EncoderSpec, pixels: np.ndarray, s
 
 
 def classify_files(
-    run: str | Path | ClassifierRun, paths: list[str | Path], encoder_weights: str | Path | None = None
+    run: str | Path | ClassifierRun,
+    paths: list[str | Path],
+    encoder_weights: str | Path | None = None,
+    flip: bool = False,
 ) -> tuple[list[Classification], dict[str, str]]:
     """Return (a classification of each readable image, {path: reason} for the unreadable ones).
 
     Images are decoded with `load_image`, encoded with the run's encoder (for a fine-tuned run, its
-    frozen bottom) in fixed batches, and classified in one `predict` call.
+    frozen bottom) in fixed batches, and classified in one `predict` call. With `flip`, each image's
+    probabilities are the mean of its own and its mirror image's (test-time augmentation), both
+    encoded in the same batches.
     """
     if not isinstance(run, ClassifierRun):
         run = load_classifier_run(run)
@@ -377,8 +394,12 @@ def classify_files(
         encoder, _ = build_encoder_split(spec.name, weights, config.fine_tune_blocks)
     else:
         encoder = build_encoder(spec.name, weights, config.needs_spatial)
-    inputs = encode_pixels(encoder, spec, np.stack(pixels), config.needs_spatial)
-    probabilities = predict_probabilities(run.model, inputs)
+    pixels = np.stack(pixels)
+    if flip:
+        pixels = np.concatenate([pixels, np.stack([AUGMENTATIONS[FLIP](p) for p in pixels])])
+    probabilities = predict_probabilities(run.model, encode_pixels(encoder, spec, pixels, config.needs_spatial))
+    if flip:  # rows: the originals, then their mirrors
+        probabilities = (probabilities[: len(names)] + probabilities[len(names) :]) / 2
     results = []
     for name, row in zip(names, probabilities, strict=True):
         best = int(np.argmax(row))

@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import auc, classification_report, confusion_matrix, roc_curve
 
+from features.augment import augment_pixels, augmented_id, augmented_sources
 from models.classifier import (
+    FLIP,
     ClassifierRun,
+    augmented_store_path,
     default_store_path,
     load_classifier_run,
     predict_probabilities,
@@ -42,6 +45,7 @@ class ClassifierEvaluation:
     missing: list[str] = field(default_factory=list)  # validation ids no longer in the folder
     unreadable: list[str] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)
+    flip: bool = False  # probabilities averaged over each image and its mirror (test-time augmentation)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "report_text"}
@@ -54,8 +58,13 @@ def evaluate_classifier(
     plots_dir: str | Path | None = None,
     all_images: bool = False,
     progress: bool = True,
+    flip: bool = False,
 ) -> ClassifierEvaluation:
-    """Return the metrics of a run on a class folder, drawing the plots into `plots_dir` if given."""
+    """Return the metrics of a run on a class folder, drawing the plots into `plots_dir` if given.
+
+    With `flip`, each image's probabilities are the mean of its own and its mirror image's; the mirrors
+    are encoded once into the augmented store beside the feature store (`augmented_store_path`).
+    """
     run = load_classifier_run(run_dir)
     config = run.model_config
     folder = load_class_folder(data_dir, run.classes)
@@ -72,22 +81,28 @@ def evaluate_classifier(
         store_path = Path(features) if features else default_store_path(data_dir, run.config["encoder"])
     if not ids:
         raise ClassFolderError(f"{data_dir}: none of the images to evaluate is there")
-    inputs = prepare_inputs(
-        {i: folder.sources[i] for i in ids},
-        store_path,
-        run.config["encoder"],
-        run.config.get("weights", "imagenet"),
-        config,
-        progress=progress,
-    )
+    encoder, weights = run.config["encoder"], run.config.get("weights", "imagenet")
+    inputs = prepare_inputs({i: folder.sources[i] for i in ids}, store_path, encoder, weights, config, progress)
     ids = [i for i in ids if i in inputs.available]
     if not ids:
         raise ClassFolderError(f"{data_dir}: no image to evaluate could be read")
     probabilities = predict_probabilities(run.model, inputs.read(ids))
+    if flip:
+        mirrors = prepare_inputs(
+            augmented_sources({i: folder.sources[i] for i in ids}, [FLIP]),
+            augmented_store_path(store_path),
+            encoder,
+            weights,
+            config,
+            progress,
+            augment=augment_pixels,
+        )
+        mirrored = predict_probabilities(run.model, mirrors.read([augmented_id(i, FLIP) for i in ids]))
+        probabilities = (probabilities + mirrored) / 2
     labels = np.array([folder.labels[i] for i in ids])
     evaluation = score(run, labels, probabilities)
     evaluation.data, evaluation.subset = str(data_dir), subset
-    evaluation.missing, evaluation.unreadable = missing, sorted(inputs.failed)
+    evaluation.missing, evaluation.unreadable, evaluation.flip = missing, sorted(inputs.failed), flip
     if plots_dir is not None:
         plots_dir = Path(plots_dir)
         plots_dir.mkdir(parents=True, exist_ok=True)

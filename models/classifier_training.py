@@ -27,6 +27,7 @@ from models.classifier import (
     TASK,
     ClassifierConfig,
     ClassifierError,
+    augmented_store_path,
     build_classifier,
     compile_classifier,
     default_store_path,
@@ -97,12 +98,6 @@ class ClassifierTrainingResult:
     empty_classes: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)  # image id -> reason
     fine_tune_epochs_run: int = 0  # of epochs_run, those of phase 2 (top blocks + head)
-
-
-def augmented_store_path(store_path: str | Path) -> Path:
-    """Return the store that holds the augmented train variants, beside the originals' store."""
-    store_path = Path(store_path)
-    return store_path.with_name(f"{store_path.stem}.augmented{store_path.suffix}")
 
 
 def _callbacks(

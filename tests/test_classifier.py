@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from conftest import make_image
 from features.augment import AUGMENTATIONS, augment_pixels, augmented_id, original_id
@@ -353,6 +354,27 @@ def test_classify_files_runs_the_gru_head_on_spatial_maps(trained, flowers):
         assert result.label == run.classes[int(row.argmax())]
 
 
+def test_flip_averages_each_images_probabilities_with_its_mirror_images(trained, tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((224, 224, 3), np.uint8)
+    pixels[:, :80] = (200, 20, 40)  # a red band on the left of a white-on-noise picture
+    pixels[:, 80:] = 255 - np.random.default_rng(0).integers(0, 60, (224, 144, 3))
+    original, mirror = tmp_path / "original.png", tmp_path / "mirror.png"
+    Image.fromarray(pixels).save(original)
+    Image.fromarray(pixels[:, ::-1]).save(mirror)
+    # ImageNet weights: the tiny runs' random encoder gives every image the same ~1e-12 features.
+    for head in ("dense", "gru"):
+        run = load_classifier_run(trained[head].run_dir)
+        (plain, mirrored), _ = classify_files(run, [original, mirror], "imagenet")
+        (flipped, *_), errors = classify_files(run, [original, tmp_path / "missing.jpg"], "imagenet", flip=True)
+        assert list(errors) == [str(tmp_path / "missing.jpg")]
+        expected = (np.array(list(plain.probabilities.values())) + list(mirrored.probabilities.values())) / 2
+        assert not np.allclose(list(plain.probabilities.values()), expected, atol=1e-3)  # the mirror counts
+        np.testing.assert_allclose(list(flipped.probabilities.values()), expected, atol=2e-3 if head == "gru" else 1e-5)
+        assert flipped.label == run.classes[int(expected.argmax())]
+
+
 def test_loading_something_that_is_not_a_classifier_run_fails_clearly(tmp_path, tiny_run):
     with pytest.raises(RunDirError, match="no such run directory"):
         load_classifier_run(tmp_path / "nowhere")
@@ -431,6 +453,29 @@ def test_evaluate_cli_scores_the_validation_split_and_writes_metrics_and_plots(t
     assert "macro F1" in capsys.readouterr().out
 
 
+def test_evaluate_with_flip_scores_the_mean_of_each_image_and_its_mirror(trained, flowers, tmp_path):
+    from models.classifier_evaluation import evaluate_classifier
+
+    run = load_classifier_run(trained["dense"].run_dir)
+    store = tmp_path / "own.pkl"
+    evaluation = evaluate_classifier(run.path, flowers, store, flip=True, progress=False)
+    validation = json.loads((run.path / "split.json").read_text())["validation"]
+    mirrors = FeatureStore.load(tmp_path / "own.augmented.pkl")
+    assert sorted(mirrors.features) == sorted(f"{i}#flip" for i in validation)  # the mirrors, stored once
+    probabilities = (
+        predict_probabilities(run.model, FeatureStore.load(store).matrix(validation))
+        + predict_probabilities(run.model, mirrors.matrix([f"{i}#flip" for i in validation]))
+    ) / 2
+    truth = [run.classes.index(i.split("/")[0]) for i in validation]
+    expected = np.zeros((3, 3), int)
+    np.add.at(expected, (truth, probabilities.argmax(axis=1)), 1)
+    assert evaluation.flip and evaluation.subset == "validation" and evaluation.images == len(validation)
+    assert evaluation.confusion == expected.tolist()
+    assert evaluation.roc_auc["daisy"] == pytest.approx(
+        roc_auc_score(np.array(truth) == 0, probabilities[:, 0]), abs=1e-6
+    )
+
+
 def test_evaluate_on_another_class_folder_scores_every_image(trained, tmp_path):
     from models.classifier_evaluation import evaluate_classifier
 
@@ -496,6 +541,26 @@ def test_infer_prints_the_class_beside_the_caption(trained, flowers, tiny_run, c
     result = json.loads(capsys.readouterr().out)["results"][0]
     assert result["class"] == expected[0].label
     assert result["probability"] == round(expected[0].probability, 4)
+
+
+def test_flip_options_reach_the_classifier(trained, flowers, tiny_run, monkeypatch):
+    import classify
+    import infer
+    import models.classifier
+
+    calls = []
+    real = models.classifier.classify_files
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("flip", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.classifier, "classify_files", recording)
+    image, run = str(flowers / "roses" / "0.png"), str(trained["dense"].run_dir)
+    assert classify.main(["predict", "--model", run, image]) == 0
+    assert classify.main(["predict", "--model", run, image, "--flip"]) == 0
+    assert infer.main([image, "--model", str(tiny_run), "--beam", "1", "--classifier", run, "--classifier-flip"]) == 0
+    assert calls == [False, True, True]
 
 
 def test_infer_with_a_bad_classifier_run_fails_in_one_line(tiny_run, flowers, tmp_path, capsys):
