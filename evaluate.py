@@ -2,6 +2,7 @@
 
 python evaluate.py                                  # shipped model, dev split, beam 3
 python evaluate.py --model runs/merge --split dev --beam 5 --json report.json --samples samples.png
+python evaluate.py --model runs/a --model runs/b    # two runs decoded as an ensemble
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_RUN, help="run directory (default: shipped model)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        help="run or ensemble directory (default: the shipped model); repeat it to score several runs as an ensemble",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder")
     parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     parser.add_argument("--beam", type=int, default=3)
@@ -35,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the full report (metrics, counts, captions) here")
     parser.add_argument("--samples", type=Path, help="write a PNG grid of sample captions here")
     args = parser.parse_args(argv)
+    args.model = args.model or [DEFAULT_RUN]
     if args.beam < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--beam and --limit must be positive")
     return args
@@ -45,26 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     from features.encoders import EncoderError
     from models.captioner import Captioner
     from models.evaluation import draw_samples, evaluate_captions, write_report
-    from models.rundir import RunDirError, load_run
+    from models.rundir import RunDirError
     from pipeline.captions import CaptionFileError
     from pipeline.metrics import MetricsError
 
     with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError):
-        run = load_run(args.model)
-        captioner = Captioner(run)
+        captioner = Captioner.load(args.model)
         report = evaluate_captions(
             captioner, args.data, args.split, args.beam, args.limit, args.features, args.length_penalty
         )
     counts = report.counts
     print(
-        f"{args.model} on {args.data.name} {args.split} split, beam {args.beam}, length penalty "
+        f"{captioner.name} on {args.data.name} {args.split} split, beam {args.beam}, length penalty "
         f"{args.length_penalty}: {counts['captioned']} images captioned, {counts['missing_on_disk']} missing "
         f"on disk, {counts['unreadable']} unreadable, {counts['no_captions']} without captions"
     )
     for name, value in {**report.metrics, **report.secondary}.items():
         print(f"  {name:12s} {value:.4f}")
     if args.json:
-        write_report(report, run.config, args.json)
+        write_report(report, captioner.description, args.json)
     if args.samples:
         draw_samples(report, args.data, args.samples)
     if counts["captioned"] == 0:

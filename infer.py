@@ -1,6 +1,7 @@
 """Caption photos with a trained run (default: the model shipped in pretrained/).
 
 python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json] [--classifier RUN_DIR]
+python infer.py photo.jpg --model runs/a --model runs/b            # two runs decoded as an ensemble
 python infer.py photo.jpg --model runs/attention --attention-map out.png   # one panel per word
 """
 
@@ -20,7 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path, help="image files to caption")
-    parser.add_argument("--model", type=Path, default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN.name})")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        help=f"run or ensemble directory (default {DEFAULT_RUN.name}); repeat it to decode several runs as an ensemble",
+    )
     parser.add_argument("--beam", type=int, default=3, help="beam width; 1 = greedy (default 3)")
     parser.add_argument("--max-length", type=int, help="longest caption in tokens (default: the run's)")
     parser.add_argument(
@@ -44,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="average the classifier's probabilities over each image and its mirror (test-time augmentation)",
     )
     args = parser.parse_args(argv)
+    args.model = args.model or [DEFAULT_RUN]
     if args.beam < 1:
         parser.error("--beam must be at least 1")
     if args.max_length is not None and args.max_length < 2:
@@ -56,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from features.encoders import EncoderError
     from features.images import load_image
     from models.captioner import Captioner
-    from models.rundir import RunDirError, load_run
+    from models.rundir import RunDirError
 
     with clean_errors(RunDirError, EncoderError):
-        captioner = Captioner(load_run(args.model), args.encoder_weights)
+        captioner = Captioner.load(args.model, args.encoder_weights)
         classifier = None
         if args.classifier:  # loaded before any captioning, so a bad run directory fails at once
             from models.classifier import classify_files, load_classifier_run
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             json.dumps(
                 {
-                    "model": str(args.model),
+                    "model": captioner.name,
                     "beam": args.beam,
                     "results": results,
                     "errors": [{"image": p, "error": r} for p, r in errors.items()],

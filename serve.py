@@ -18,7 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN.name})")
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_RUN, help=f"run or ensemble directory (default {DEFAULT_RUN.name})"
+    )
     parser.add_argument("--classifier", type=Path, help="classifier run directory: also predict each photo's class")
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -63,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from features.encoders import EncoderError
     from models.captioner import Captioner
-    from models.rundir import RunDirError, load_run
+    from models.rundir import RunDirError
     from web.app import create_app
 
     with clean_errors(RunDirError, EncoderError):
-        captioner = Captioner(load_run(args.model), args.encoder_weights)
+        captioner = Captioner.load(args.model, args.encoder_weights)
         captioner.encoder  # noqa: B018  (build it now: a missing weights file fails here, not on the first upload)
         classify = load_classify(args.classifier) if args.classifier else None
     app = create_app(

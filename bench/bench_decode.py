@@ -10,7 +10,7 @@ each live beam's prefix (beam 3, on fewer images since it is slow). Same model, 
 image features from the project's store. Checks that both paths give the same captions. Writes
 `bench/results_decode.md`.
 
-Default model: the shipped `pretrained/flickr8k_merge_lite0` if present, else a copy (in a temporary
+Default model: the first member of the shipped ensemble `pretrained/flickr8k_merge_lite0` if present, else a copy (in a temporary
 folder) of the training run in `runs/merge_b64`: its best model once training has finished, its last
 finished epoch while it is still training.
 """
@@ -38,7 +38,15 @@ from bench.common import Report, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from models.captioner import make_stepper  # noqa: E402
 from models.decoding import beam_search, greedy_decode  # noqa: E402
-from models.rundir import CONFIG_FILE, DEFAULT_RUN, MODEL_FILE, VOCABULARY_FILE, CaptionRun, load_run  # noqa: E402
+from models.rundir import (  # noqa: E402
+    CONFIG_FILE,
+    DEFAULT_RUN,
+    MODEL_FILE,
+    VOCABULARY_FILE,
+    CaptionRun,
+    load_run,
+    load_runs,
+)
 from pipeline.captions import load_split  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
@@ -65,8 +73,9 @@ def load_model_run(model: Path | None, scratch: Path) -> tuple[CaptionRun, str]:
     """Return the run to benchmark and a description of where it came from."""
     if model is not None:
         return load_run(model), f"`{os.path.relpath(model, ROOT)}`"
-    if (DEFAULT_RUN / MODEL_FILE).is_file():
-        return load_run(DEFAULT_RUN), f"`{os.path.relpath(DEFAULT_RUN, ROOT)}`"
+    if (DEFAULT_RUN / CONFIG_FILE).is_file():  # the shipped ensemble: its first member, one decoder
+        first = load_runs(DEFAULT_RUN)[0]
+        return first, f"`{os.path.relpath(first.path, ROOT)}` (the shipped ensemble's first member)"
     # The training run may still be writing: copy its files, never touch them in place.
     for name in (CONFIG_FILE, VOCABULARY_FILE):
         shutil.copy(TRAINING_RUN / name, scratch / name)

@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     from features.encoders import EncoderError
     from models.captioner import Captioner
     from models.evaluation import evaluate_captions
-    from models.rundir import RunDirError, load_run
+    from models.rundir import RunDirError
     from pipeline.captions import CaptionFileError
     from pipeline.metrics import MetricsError
 
     rows, counts = [], None
     with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError):
         for run_dir in args.model:
-            captioner = Captioner(load_run(run_dir))
+            captioner = Captioner.load(run_dir)
             for beam in args.beams:
                 # The length penalty only reorders finished beams: with one beam it changes nothing.
                 for penalty in args.length_penalties if beam > 1 else [0.0]:

@@ -10,9 +10,9 @@ import numpy as np
 from features.encoders import build_encoder, get_encoder_spec
 from features.images import ImageDecodeError, load_image
 from models.attention import AttentionStepper
-from models.decoding import Hypothesis, MergeStepper, beam_search
+from models.decoding import EnsembleStepper, Hypothesis, MergeStepper, beam_search
 from models.inject import InjectStepper
-from models.rundir import CaptionRun, RunDirError
+from models.rundir import CaptionRun, RunDirError, load_runs
 
 ENCODE_BATCH = 32
 
@@ -47,30 +47,73 @@ def make_stepper(run: CaptionRun):
 
 
 class Captioner:
-    """A loaded run plus its encoder; captions images, pixel arrays or precomputed features."""
+    """A loaded run (or an ensemble of runs) plus its encoder; captions images, pixel arrays or features.
 
-    def __init__(self, run: CaptionRun, encoder_weights: str | Path | None = None):
-        self.run = run
+    An ensemble's members must share the vocabulary, the encoder and its weights; they decode as one
+    model whose next-word distribution is the mean of theirs (`EnsembleStepper`).
+    """
+
+    def __init__(self, runs: CaptionRun | list[CaptionRun], encoder_weights: str | Path | None = None):
+        self.runs = [runs] if isinstance(runs, CaptionRun) else list(runs)
+        if not self.runs:
+            raise RunDirError("no caption run to load")
+        run = self.run = self.runs[0]
         self.vocabulary = run.vocabulary
         encoder = run.config["encoder"]
         try:
             self.spec = get_encoder_spec(encoder)
         except ValueError as error:
             raise RunDirError(f"{run.path}: {error}") from None
-        if self.spec.dim != run.model_config.feature_dim:
-            raise RunDirError(
-                f"{run.path}: the model expects {run.model_config.feature_dim}-d features but encoder "
-                f"{encoder} gives {self.spec.dim}-d"
-            )
         self.reads_regions = run.model_config.reads_regions
-        if self.reads_regions and tuple(self.spec.spatial_shape) != run.model_config.spatial_shape:
-            raise RunDirError(
-                f"{run.path}: the model expects {run.model_config.spatial_shape} spatial maps but encoder "
-                f"{encoder} gives {tuple(self.spec.spatial_shape)}"
-            )
+        for member in self.runs:
+            self._check_member(member)
         self.encoder_weights = encoder_weights or run.config.get("weights", "imagenet")
         self._encoder = None
-        self.stepper = make_stepper(run)
+        steppers = [make_stepper(member) for member in self.runs]
+        self.stepper = steppers[0] if len(steppers) == 1 else EnsembleStepper(steppers)
+        self.max_caption_length = max(member.model_config.max_caption_length for member in self.runs)
+        self.name = " + ".join(str(member.path) for member in self.runs)  # what was loaded, for reports
+
+    @classmethod
+    def load(cls, paths: str | Path | list[str | Path], encoder_weights: str | Path | None = None) -> Captioner:
+        """Return the captioner of a run directory, an ensemble directory, or several of them together."""
+        paths = [paths] if isinstance(paths, str | Path) else list(paths)
+        captioner = cls([run for path in paths for run in load_runs(path)], encoder_weights)
+        captioner.name = " + ".join(str(path) for path in paths)
+        return captioner
+
+    def _check_member(self, member: CaptionRun) -> None:
+        first, config = self.run, member.model_config
+        if member.config["encoder"] != first.config["encoder"] or member.config.get("weights") != first.config.get(
+            "weights"
+        ):
+            raise RunDirError(
+                f"{member.path}: encoder {member.config['encoder']} ({member.config.get('weights')}), but "
+                f"{first.path} uses {first.config['encoder']} ({first.config.get('weights')}); an ensemble shares one"
+            )
+        if member.vocabulary.words != first.vocabulary.words:
+            raise RunDirError(f"{member.path}: its vocabulary differs from {first.path}'s; an ensemble shares one")
+        if self.spec.dim != config.feature_dim:
+            raise RunDirError(
+                f"{member.path}: the model expects {config.feature_dim}-d features but encoder "
+                f"{self.spec.name} gives {self.spec.dim}-d"
+            )
+        if config.reads_regions != self.reads_regions:
+            raise RunDirError(
+                f"{member.path}: an ensemble cannot mix decoders that read spatial maps with ones that read vectors"
+            )
+        if self.reads_regions and tuple(self.spec.spatial_shape) != config.spatial_shape:
+            raise RunDirError(
+                f"{member.path}: the model expects {config.spatial_shape} spatial maps but encoder "
+                f"{self.spec.name} gives {tuple(self.spec.spatial_shape)}"
+            )
+
+    @property
+    def description(self) -> dict:
+        """The run's config, or for an ensemble the members' paths and configs (for reports)."""
+        if len(self.runs) == 1:
+            return self.run.config
+        return {"ensemble": [{"path": str(member.path), **member.config} for member in self.runs]}
 
     @property
     def encoder(self):
@@ -105,7 +148,7 @@ class Captioner:
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
     ) -> list[list[Hypothesis]]:
         """Return the beam hypotheses for each feature vector."""
-        max_length = max_length or self.run.model_config.max_caption_length
+        max_length = max_length or self.max_caption_length
         return beam_search(self.stepper, features, beam_size=beam, max_length=max_length, length_penalty=length_penalty)
 
     def caption_features(
@@ -119,9 +162,13 @@ class Captioner:
     ) -> list[Caption]:
         """Return the captions of precomputed features; with `attention`, each word's attention weights."""
         if attention and not isinstance(self.stepper, AttentionStepper):
+            what = (
+                f"the {self.run.model_config.decoder} decoder has"
+                if len(self.runs) == 1
+                else f"an ensemble of {len(self.runs)} runs has"
+            )
             raise RunDirError(
-                f"{self.run.path}: the {self.run.model_config.decoder} decoder has no attention "
-                "weights to show; train a run with --decoder attention"
+                f"{self.run.path}: {what} no attention weights to show; use a single run trained with --decoder attention"
             )
         results = []
         decoded = self.decode(features, beam, max_length, length_penalty)

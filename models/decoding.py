@@ -75,6 +75,36 @@ class MergeStepper(Stepper):
         return self.log_probabilities(context + output), [context, *recurrent]
 
 
+class EnsembleStepper:
+    """Several decoders over one vocabulary, stepped together as one model.
+
+    The next-word distribution is the mean of the members' (log of the mean probability, not the
+    mean log-probability), so greedy and beam search work on the ensemble as on any one decoder. The
+    state is the members' states, concatenated. Every member reads the same image features.
+    """
+
+    def __init__(self, steppers: list):
+        if not steppers:
+            raise ValueError("an ensemble needs at least one decoder")
+        self.steppers = list(steppers)
+        self._sizes: list[int] = []
+
+    def start(self, features: np.ndarray) -> list:
+        states = [list(stepper.start(features)) for stepper in self.steppers]
+        self._sizes = [len(state) for state in states]
+        return [part for state in states for part in state]
+
+    def step(self, tokens: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        log_probs, new_state, at = [], [], 0
+        for stepper, size in zip(self.steppers, self._sizes, strict=True):
+            member_log_probs, member_state = stepper.step(tokens, state[at : at + size])
+            log_probs.append(member_log_probs)
+            new_state += list(member_state)
+            at += size
+        mean = np.logaddexp.reduce(np.stack(log_probs), axis=0) - np.log(len(log_probs))
+        return mean.astype(np.float32), new_state
+
+
 def reorder_state(state: list, indices: np.ndarray) -> list:
     """Return the state with its rows (images x beams) picked by `indices`."""
     return [tf.gather(part, indices) for part in state]

@@ -4,6 +4,11 @@ RUN_DIR/model.keras        best model (no optimizer state)
 RUN_DIR/vocabulary.json    the vocabulary
 RUN_DIR/config.json        encoder, feature dim, preprocessing, max length, vocabulary size, ...
 RUN_DIR/history.csv        per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
+
+An ensemble directory holds only a config.json naming member run directories (relative to it),
+which decode together (models.decoding.EnsembleStepper):
+
+    {"format": "captioning-ensemble", "version": 1, "members": ["seed0", "seed1"]}
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pipeline.vocabulary import Vocabulary, VocabularyError
 
 RUN_FORMAT = "captioning-run"
 RUN_FORMAT_VERSION = 1
+ENSEMBLE_FORMAT = "captioning-ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
 MODEL_FILE, VOCABULARY_FILE, CONFIG_FILE, HISTORY_FILE, CURVES_FILE = (
     "model.keras",
     "vocabulary.json",
@@ -58,11 +65,30 @@ def save_run_config(run_dir: Path, config: dict) -> None:
     write_json(run_dir / CONFIG_FILE, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, **config})
 
 
+def ensemble_members(run_dir: str | Path) -> list[Path] | None:
+    """Return the member run directories of an ensemble directory; None for anything else."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or broken: read_run_config words the error
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != ENSEMBLE_FORMAT:
+        return None
+    config = read_versioned_json(path, ENSEMBLE_FORMAT, ENSEMBLE_FORMAT_VERSION, "caption-model ensemble", RunDirError)
+    members = config.get("members")
+    if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)):
+        raise RunDirError(f"{path}: 'members' must be a non-empty list of run directories")
+    return [Path(run_dir) / member for member in members]
+
+
 def read_run_config(run_dir: str | Path) -> dict:
     """Return config.json of a run directory, checked for format and version."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: no such run directory (train.py writes one)")
+    members = ensemble_members(run_dir)
+    if members is not None:
+        raise RunDirError(f"{run_dir}: an ensemble of {len(members)} runs; this needs a single run, e.g. {members[0]}")
     try:
         config = read_versioned_json(
             path, RUN_FORMAT, RUN_FORMAT_VERSION, "run config written by train.py", RunDirError
@@ -97,6 +123,12 @@ def load_run(run_dir: str | Path = DEFAULT_RUN) -> CaptionRun:
             f"config.json {model_config.vocab_size}"
         )
     return CaptionRun(run_dir, model, vocabulary, config)
+
+
+def load_runs(run_dir: str | Path = DEFAULT_RUN) -> list[CaptionRun]:
+    """Return the members of an ensemble directory, or the one run of a run directory."""
+    members = ensemble_members(run_dir) if Path(run_dir).is_dir() else None
+    return [load_run(run_dir)] if members is None else [load_run(member) for member in members]
 
 
 def save_model_without_optimizer(model: keras.Model, path: Path) -> None:

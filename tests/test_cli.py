@@ -233,3 +233,80 @@ def test_train_cli_reports_a_store_without_train_images(tiny_flickr, tmp_path, c
     with pytest.raises(SystemExit):
         train.main(["--features", str(tmp_path / "none.pkl"), "--data", str(tiny_flickr)])
     assert "run extract_features.py first" in capsys.readouterr().err
+
+
+def _perturbed_copy(run_dir, out, seed):
+    """A copy of a run whose weights are nudged: another member for an ensemble, same vocabulary."""
+    import keras
+
+    from models.rundir import save_model_without_optimizer
+
+    shutil.copytree(run_dir, out)
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(scale=0.3, size=w.shape).astype(w.dtype) for w in model.get_weights()])
+    save_model_without_optimizer(model, out / "model.keras")
+    return out
+
+
+def test_an_ensemble_decodes_with_the_mean_of_its_members_probabilities(tiny_run, tiny_flickr, tiny_store, tmp_path):
+    from features.store import FeatureStore
+    from models.captioner import Captioner
+    from models.decoding import EnsembleStepper
+    from models.rundir import RunDirError, load_runs
+
+    other = _perturbed_copy(tiny_run, tmp_path / "other", seed=3)
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    (ensemble / "config.json").write_text(
+        json.dumps({"format": "captioning-ensemble", "version": 1, "members": [str(tiny_run), "../other"]})
+    )
+    assert [r.path for r in load_runs(ensemble)] == [tiny_run, ensemble / "../other"]
+    with pytest.raises(RunDirError, match="an ensemble of 2 runs; this needs a single run"):
+        load_run(ensemble)
+    captioner = Captioner.load(ensemble)
+    assert isinstance(captioner.stepper, EnsembleStepper) and captioner.name == str(ensemble)
+    store = FeatureStore.load(tiny_store)
+    ids = sorted(store.features)[:4]
+    features = store.matrix(ids)
+    results = captioner.caption_features(ids, features, beam=2, length_penalty=0.0)
+    # Each best caption's log-probability is that of the members' mean distribution, word by word,
+    # from the full teacher-forced models.
+    members = [run.model for run in load_runs(ensemble)]
+    vocabulary = captioner.vocabulary
+    for row, result in enumerate(results):
+        tokens = vocabulary.encode(result.caption.split())
+        inputs = {"image": features[row : row + 1], "words": np.array([tokens[:-1]], np.int32)}
+        mean = np.mean([np.asarray(model(inputs))[0] for model in members], axis=0)
+        expected = sum(np.log(mean[t, token]) for t, token in enumerate(tokens[1:]))
+        assert result.beams[0][1] == pytest.approx(float(expected), abs=1e-3)
+    # Two --model paths make the same ensemble as the directory.
+    again = Captioner.load([tiny_run, other]).caption_features(ids, features, beam=2, length_penalty=0.0)
+    assert [r.caption for r in again] == [r.caption for r in results]
+    assert Captioner.load([tiny_run, other]).name == f"{tiny_run} + {other}"
+
+
+def test_ensemble_cli_and_mismatched_members(tiny_run, tiny_flickr, tmp_path, capsys):
+    import evaluate
+    import infer
+
+    other = _perturbed_copy(tiny_run, tmp_path / "other", seed=4)
+    report = tmp_path / "report.json"
+    models = ["--model", str(tiny_run), "--model", str(other)]
+    assert evaluate.main([*models, "--data", str(tiny_flickr), "--beam", "2", "--json", str(report)]) == 0
+    assert f"{tiny_run} + {other} on" in capsys.readouterr().out
+    described = json.loads(report.read_text())["model_config"]["ensemble"]
+    assert [member["path"] for member in described] == [str(tiny_run), str(other)]
+    image = str(tiny_flickr / "Images" / "red_0.jpg")
+    assert infer.main([image, *models, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == f"{tiny_run} + {other}"
+    # Members must share the vocabulary: the same words in another order are refused in one line.
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(tiny_run, shuffled)
+    vocabulary = json.loads((shuffled / "vocabulary.json").read_text())
+    vocabulary["words"][4], vocabulary["words"][5] = vocabulary["words"][5], vocabulary["words"][4]
+    (shuffled / "vocabulary.json").write_text(json.dumps(vocabulary))
+    with pytest.raises(SystemExit):
+        infer.main([image, "--model", str(tiny_run), "--model", str(shuffled)])
+    err = capsys.readouterr().err
+    assert "vocabulary differs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.config import CaptionModelConfig
-from models.decoding import MergeStepper, beam_search, greedy_decode
+from models.decoding import EnsembleStepper, MergeStepper, beam_search, greedy_decode
 from models.merge import build_merge_model
 from models.rundir import save_model_without_optimizer
 
@@ -99,6 +99,31 @@ def test_beam_of_one_is_greedy():
     greedy = greedy_decode(stepper, features, max_length=8)
     beams = beam_search(stepper, features, beam_size=1, max_length=8)
     assert [b[0].tokens for b in beams] == greedy
+
+
+def test_an_ensemble_steps_on_the_mean_of_its_members_probabilities():
+    from models.inject import InjectStepper, build_inject_model
+
+    merge, other = _model(seed=6), _model(seed=7, cell="gru")
+    keras.utils.set_random_seed(8)
+    inject = build_inject_model(CaptionModelConfig(**{**CONFIG.__dict__, "decoder": "inject"}))
+    members = [MergeStepper(merge), MergeStepper(other), InjectStepper(inject)]
+    ensemble = EnsembleStepper(members)
+    features = _features(2, seed=2)
+    tokens = np.array([2, 2], np.int32)
+    state, states = ensemble.start(features), [m.start(features) for m in members]
+    for word in (5, 9):  # two steps, so the carried states are checked too
+        log_probs, state = ensemble.step(tokens, state)
+        expected = []
+        for i, member in enumerate(members):
+            member_log_probs, states[i] = member.step(tokens, states[i])
+            expected.append(np.exp(member_log_probs))
+        np.testing.assert_allclose(np.exp(log_probs), np.mean(expected, axis=0), rtol=1e-5, atol=1e-7)
+        tokens = np.array([word, word], np.int32)
+    # Beam search over an ensemble of one model with itself is beam search over that model.
+    alone = beam_search(MergeStepper(merge), features, beam_size=3, max_length=8)
+    doubled = beam_search(EnsembleStepper([MergeStepper(merge)] * 2), features, beam_size=3, max_length=8)
+    assert [[h.tokens for h in b] for b in doubled] == [[h.tokens for h in b] for b in alone]
 
 
 class ToyStepper:

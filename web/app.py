@@ -187,7 +187,7 @@ def create_app(
     run = captioner.run
     health = Health(
         status="ok",
-        model=str(run.path),
+        model=captioner.name,
         encoder=captioner.spec.name,
         encoder_weights=str(captioner.encoder_weights),
         decoder=run.model_config.decoder,
