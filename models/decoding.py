@@ -80,29 +80,35 @@ class EnsembleStepper:
 
     The next-word distribution is the mean of the members' (log of the mean probability, not the
     mean log-probability), so greedy and beam search work on the ensemble as on any one decoder. The
-    state is the members' states, concatenated. Every member reads the same image features.
+    state is the members' states, concatenated. Every member reads the same image features. One step
+    of all members is one traced TensorFlow call, as for a single decoder.
     """
 
-    def __init__(self, steppers: list):
+    def __init__(self, steppers: list[Stepper]):
         if not steppers:
             raise ValueError("an ensemble needs at least one decoder")
         self.steppers = list(steppers)
-        self._sizes: list[int] = []
+        self._sizes: list[int] | None = None  # state tensors per member, known after the first start
+        self._step = tf.function(self._step_impl, reduce_retracing=True)
 
     def start(self, features: np.ndarray) -> list:
         states = [list(stepper.start(features)) for stepper in self.steppers]
         self._sizes = [len(state) for state in states]
         return [part for state in states for part in state]
 
-    def step(self, tokens: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+    def _step_impl(self, tokens, state):
         log_probs, new_state, at = [], [], 0
         for stepper, size in zip(self.steppers, self._sizes, strict=True):
-            member_log_probs, member_state = stepper.step(tokens, state[at : at + size])
+            member_log_probs, member_state = stepper._step_impl(tokens, state[at : at + size])[:2]
             log_probs.append(member_log_probs)
             new_state += list(member_state)
             at += size
-        mean = np.logaddexp.reduce(np.stack(log_probs), axis=0) - np.log(len(log_probs))
-        return mean.astype(np.float32), new_state
+        mean = tf.reduce_logsumexp(tf.stack(log_probs), axis=0) - np.log(len(log_probs))
+        return mean, new_state
+
+    def step(self, tokens: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        log_probs, state = self._step(tf.convert_to_tensor(tokens, tf.int32), state)
+        return log_probs.numpy(), state
 
 
 def reorder_state(state: list, indices: np.ndarray) -> list:
