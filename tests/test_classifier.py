@@ -242,7 +242,9 @@ def trained(flowers, tmp_path_factory) -> dict:
             learning_rate=1e-2,
             units=8,
             rnn_units=4,
-            weights="none",
+            # The real encoder: with random weights (weights="none") every image's features are the
+            # same ~1e-12 vector, and no test could tell one image from another.
+            weights="imagenet",
             validation_fraction=0.4,
         )
         runs[head] = train_classifier(flowers, base / head, options, base / "store.pkl", progress=False, verbose=0)
@@ -257,7 +259,7 @@ def test_training_writes_a_complete_run_directory(trained, flowers):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["task"] == "image-classifier" and config["head"] == "dense"
-    assert config["encoder"] == "efficientnet_lite0" and config["weights"] == "none"
+    assert config["encoder"] == "efficientnet_lite0" and config["weights"] == "imagenet"
     assert config["feature_dim"] == 1280 and config["classes"] == ["daisy", "roses", "tulips"]
     assert config["split_seed"] == 0 and config["empty_classes"] == ["sunflowers"]
     assert json.loads((run_dir / "classes.json").read_text()) == ["daisy", "roses", "tulips"]
@@ -296,7 +298,7 @@ def test_a_second_training_reuses_the_feature_store_and_refuses_to_overwrite_a_r
     stores = [trained["store"], trained["store"].with_name("store.augmented.pkl")]
     before = [p.stat().st_mtime_ns for p in stores]
     options = ClassifierTrainingOptions(
-        augmentations=["flip"], epochs=1, units=0, weights="none", validation_fraction=0.4, seed=3, split_seed=0
+        augmentations=["flip"], epochs=1, units=0, weights="imagenet", validation_fraction=0.4, seed=3, split_seed=0
     )
     result = train_classifier(flowers, tmp_path / "again", options, trained["store"], progress=False, verbose=0)
     assert [p.stat().st_mtime_ns for p in stores] == before
@@ -363,11 +365,10 @@ def test_flip_averages_each_images_probabilities_with_its_mirror_images(trained,
     original, mirror = tmp_path / "original.png", tmp_path / "mirror.png"
     Image.fromarray(pixels).save(original)
     Image.fromarray(pixels[:, ::-1]).save(mirror)
-    # ImageNet weights: the tiny runs' random encoder gives every image the same ~1e-12 features.
     for head in ("dense", "gru"):
         run = load_classifier_run(trained[head].run_dir)
-        (plain, mirrored), _ = classify_files(run, [original, mirror], "imagenet")
-        (flipped, *_), errors = classify_files(run, [original, tmp_path / "missing.jpg"], "imagenet", flip=True)
+        (plain, mirrored), _ = classify_files(run, [original, mirror])
+        (flipped, *_), errors = classify_files(run, [original, tmp_path / "missing.jpg"], flip=True)
         assert list(errors) == [str(tmp_path / "missing.jpg")]
         expected = (np.array(list(plain.probabilities.values())) + list(mirrored.probabilities.values())) / 2
         assert not np.allclose(list(plain.probabilities.values()), expected, atol=1e-3)  # the mirror counts
