@@ -50,6 +50,11 @@ class EncoderSpec:
     spatial_shape: tuple[int, int, int]
     preprocess: Callable[[np.ndarray], np.ndarray]
 
+    @property
+    def pools_spatial_map(self) -> bool:
+        """Whether the pooled vector is the mean of the spatial map over its positions."""
+        return self.pooled_layer == "avg_pool"
+
     def metadata(self) -> dict:
         """Return the JSON-able description recorded in feature stores and run directories."""
         return {

@@ -10,7 +10,7 @@ import numpy as np
 from features.encoders import build_encoder, get_encoder_spec
 from features.images import ImageDecodeError, load_image
 from models.attention import AttentionStepper
-from models.decoding import EnsembleStepper, Hypothesis, MergeStepper, beam_search
+from models.decoding import EnsembleStepper, Hypothesis, MergeStepper, PooledStepper, beam_search
 from models.inject import InjectStepper
 from models.rundir import CaptionRun, RunDirError, load_runs
 
@@ -64,12 +64,18 @@ class Captioner:
             self.spec = get_encoder_spec(encoder)
         except ValueError as error:
             raise RunDirError(f"{run.path}: {error}") from None
-        self.reads_regions = run.model_config.reads_regions
+        # The features are spatial maps if any member reads them; vector members then pool the maps.
+        self.reads_regions = any(member.model_config.reads_regions for member in self.runs)
         for member in self.runs:
             self._check_member(member)
         self.encoder_weights = encoder_weights or run.config.get("weights", "imagenet")
         self._encoder = None
-        steppers = [make_stepper(member) for member in self.runs]
+        steppers = [
+            PooledStepper(make_stepper(member))
+            if self.reads_regions and not member.model_config.reads_regions
+            else make_stepper(member)
+            for member in self.runs
+        ]
         self.stepper = steppers[0] if len(steppers) == 1 else EnsembleStepper(steppers)
         self.max_caption_length = max(member.model_config.max_caption_length for member in self.runs)
         self.name = " + ".join(str(member.path) for member in self.runs)  # what was loaded, for reports
@@ -98,11 +104,12 @@ class Captioner:
                 f"{member.path}: the model expects {config.feature_dim}-d features but encoder "
                 f"{self.spec.name} gives {self.spec.dim}-d"
             )
-        if config.reads_regions != self.reads_regions:
+        if self.reads_regions and not config.reads_regions and not self.spec.pools_spatial_map:
             raise RunDirError(
-                f"{member.path}: an ensemble cannot mix decoders that read spatial maps with ones that read vectors"
+                f"{member.path}: encoder {self.spec.name}'s vector ({self.spec.pooled_layer}) is not the mean of "
+                f"its spatial map, so this {config.decoder} decoder cannot join an ensemble with attention decoders"
             )
-        if self.reads_regions and tuple(self.spec.spatial_shape) != config.spatial_shape:
+        if config.reads_regions and tuple(self.spec.spatial_shape) != config.spatial_shape:
             raise RunDirError(
                 f"{member.path}: the model expects {config.spatial_shape} spatial maps but encoder "
                 f"{self.spec.name} gives {tuple(self.spec.spatial_shape)}"

@@ -75,6 +75,26 @@ class MergeStepper(Stepper):
         return self.log_probabilities(context + output), [context, *recurrent]
 
 
+class PooledStepper(Stepper):
+    """A decoder that reads pooled vectors, fed spatial maps (B, H, W, C): it pools them itself.
+
+    The pool is the mean over the map's positions, which is the encoder's pooled vector wherever that is
+    a global average pool of the map (`EncoderSpec.pools_spatial_map`). It lets vector decoders join
+    an ensemble with attention decoders, all reading the same maps.
+    """
+
+    def __init__(self, inner: Stepper):
+        self.inner = inner
+        self._start = tf.function(self._start_impl, reduce_retracing=True)
+        self._step = inner._step
+
+    def _start_impl(self, features):
+        return self.inner._start_impl(tf.reduce_mean(features, axis=[1, 2]))
+
+    def _step_impl(self, tokens, state):
+        return self.inner._step_impl(tokens, state)
+
+
 class EnsembleStepper:
     """Several decoders over one vocabulary, stepped together as one model.
 

@@ -310,3 +310,45 @@ def test_ensemble_cli_and_mismatched_members(tiny_run, tiny_flickr, tmp_path, ca
         infer.main([image, "--model", str(tiny_run), "--model", str(shuffled)])
     err = capsys.readouterr().err
     assert "vocabulary differs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_merge_and_an_attention_run_decode_as_one_ensemble_on_spatial_maps(
+    tiny_run, tiny_attention_run, tiny_flickr, tiny_store, tiny_spatial_store, capsys
+):
+    import evaluate
+    from features.encoders import get_encoder_spec
+    from features.store import FeatureStore, SpatialMaps, spatial_path
+    from models.captioner import Captioner
+    from models.decoding import MergeStepper, PooledStepper
+
+    captioner = Captioner.load([tiny_run, tiny_attention_run])
+    assert captioner.reads_regions and captioner.feature_shape == (7, 7, 1280)
+    merge_member, attention_member = captioner.stepper.steppers
+    assert isinstance(merge_member, PooledStepper) and isinstance(merge_member.inner, MergeStepper)
+    ids = ["red_3.jpg", "blue_3.jpg", "green_0.jpg"]
+    maps = SpatialMaps(spatial_path(tiny_spatial_store))
+    regions = maps.get(ids)
+    maps.close()
+    vectors = FeatureStore.load(tiny_store).matrix(ids)
+    # The merge member reads the mean of the map: the encoder's pooled vector, to float16 rounding.
+    np.testing.assert_allclose(regions.mean(axis=(1, 2)), vectors, atol=2e-3)
+    # One ensemble step is the log of the mean of the merge model's distribution on the stored vectors
+    # and the attention model's on the maps.
+    tokens = np.full(len(ids), 2, np.int32)
+    log_probs, _ = captioner.stepper.step(tokens, captioner.stepper.start(regions))
+    merge_probs = np.asarray(load_run(tiny_run).model({"image": vectors, "words": tokens[:, None]}))[:, 0]
+    attention_model = load_run(tiny_attention_run).model
+    attention_probs = np.asarray(attention_model({"regions": regions, "words": tokens[:, None]}))[:, 0]
+    np.testing.assert_allclose(np.exp(log_probs), (merge_probs + attention_probs) / 2, atol=1e-4)
+    assert not np.allclose(merge_probs, attention_probs, atol=1e-2)
+    # evaluate.py takes the maps from the store for the whole ensemble.
+    models = ["--model", str(tiny_run), "--model", str(tiny_attention_run)]
+    features = ["--features", str(tiny_spatial_store)]
+    assert evaluate.main([*models, *features, "--data", str(tiny_flickr), "--beam", "2"]) == 0
+    assert f"{tiny_run} + {tiny_attention_run} on" in capsys.readouterr().out
+    # The vector of vgg16 (fc2) is not the mean of its map; lite0's and resnet50's are.
+    assert [get_encoder_spec(name).pools_spatial_map for name in ("efficientnet_lite0", "resnet50", "vgg16")] == [
+        True,
+        True,
+        False,
+    ]
