@@ -4,6 +4,7 @@ python train.py --epochs 20
 python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out runs/merge --resume
 python train.py --decoder attention --embeddings glove.6B.300d.txt --out runs/attention
 python train.py --self-critical runs/merge --epochs 12 --out runs/merge_scst
+python train.py --self-critical runs/attention --epochs 3 --meteor-weight 3 --out runs/attention_scst
 """
 
 from __future__ import annotations
@@ -55,13 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-train", type=int, help="use only the first N train images (quick comparisons)")
     critical = parser.add_argument_group(
         "self-critical training",
-        "fine-tune a trained run on CIDEr-D (Rennie et al. 2017): sample captions, reward each with its CIDEr-D, "
-        "keep the epoch with the best dev CIDEr-D; --epochs, --lr, --seed, --patience, --limit-train apply, "
-        "decoder options come from the run",
+        "fine-tune a trained run on CIDEr-D (Rennie et al. 2017): sample captions, reward each with its CIDEr-D "
+        "(plus --meteor-weight times its METEOR), keep the epoch with the best dev reward; --epochs, --lr, --seed, "
+        "--patience, --limit-train apply, decoder options come from the run",
     )
     critical.add_argument("--self-critical", type=Path, metavar="RUN_DIR", help="the trained run to start from")
     critical.add_argument("--samples", type=int, default=5, help="captions sampled per image")
     critical.add_argument("--batch-images", type=int, default=50, help="images per update")
+    critical.add_argument(
+        "--meteor-weight",
+        type=float,
+        default=0.0,
+        help="reward CIDEr-D + this weight * METEOR (default 0: CIDEr-D alone); METEOR runs in Java",
+    )
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -72,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--attention-regularization must not be negative")
     if args.freeze_embeddings and not args.embeddings:
         parser.error("--freeze-embeddings needs --embeddings FILE")
+    if args.meteor_weight < 0:
+        parser.error("--meteor-weight must not be negative")
     if args.samples < 2:
         parser.error("--samples must be at least 2 (each sample's baseline is the mean of the others)")
     return args
@@ -131,12 +140,14 @@ def self_critical(args: argparse.Namespace, errors: tuple) -> int:
         patience=args.patience,
         seed=args.seed,
         limit_train=args.limit_train,
+        meteor_weight=args.meteor_weight,
     )
     with clean_errors(*errors):
         result = self_critical_train(args.self_critical, args.features, args.data, args.out, options, args.resume)
     print(
-        f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev CIDEr-D "
-        f"{result.start_dev_cider:.4f} at the start, best {result.best_dev_cider:.4f} (epoch {result.best_epoch})"
+        f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev "
+        f"{result.criterion} {result.start_dev_score:.4f} at the start, best {result.best_dev_score:.4f} "
+        f"(epoch {result.best_epoch})"
     )
     return 0
 

@@ -7,18 +7,22 @@ that beat the mean of the other K - 1 samples of the same image and lowers the o
 Luo, "A better variant of self-critical sequence training", 2020: no extra greedy pass needed).
 
 The reward is pycocoevalcap's own CIDEr-D, with document frequencies taken once from the references
-of the whole train split (the scorer would otherwise take them from each small batch). Every epoch
-the dev split is captioned with beam search and scored the same way; the best epoch is the model.
+of the whole train split (the scorer would otherwise take them from each small batch), plus, with a
+`meteor_weight`, that weight times pycocoevalcap's METEOR of the caption (Java): CIDEr-D alone shortens
+captions, which METEOR's recall term punishes. Every epoch the dev split is captioned with beam search
+and scored the same way; the best epoch is the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -58,6 +62,7 @@ class SelfCriticalOptions:
     beam: int = 3  # dev captions for model selection, as infer.py writes them
     seed: int = 0
     limit_train: int | None = None  # the first N train images only (quick runs, tests)
+    meteor_weight: float = 0.0  # reward = CIDEr-D + meteor_weight * METEOR (0: CIDEr-D alone, no Java)
 
 
 class _CorpusCiderScorer(CiderScorer):
@@ -93,6 +98,62 @@ class CiderReward:
         scorer.crefs = [self.references[i] for i in image_ids]
         scorer.ctest = [cook_test(" ".join(words)) for words in captions]
         return np.asarray(scorer.compute_cider(), dtype=np.float64)
+
+
+class MeteorReward:
+    """METEOR (pycocoevalcap's METEOR 1.5, run in Java) of captions against the references of their image."""
+
+    def __init__(self, references: dict[str, list[list[str]]]):
+        if shutil.which("java") is None:
+            raise TrainingError("a METEOR reward needs Java: apt-get install default-jre-headless")
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        self.references = {i: [" ".join(words) for words in refs] for i, refs in references.items()}
+        self._meteor = Meteor()  # one Java process, kept for every call
+
+    def __call__(self, image_ids: list[str], captions: list[list[str]]) -> np.ndarray:
+        """Return the METEOR of each caption (a word list) against the references of its image."""
+        if not captions:
+            return np.zeros(0)
+        gts = {k: self.references[i] for k, i in enumerate(image_ids)}
+        res = {k: [" ".join(words)] for k, words in enumerate(captions)}
+        try:
+            return np.asarray(self._meteor.compute_score(gts, res)[1], dtype=np.float64)
+        except (OSError, ValueError) as error:  # the Java process died or answered garbage
+            raise TrainingError(f"the METEOR scorer failed: {error}") from None
+
+    def close(self) -> None:
+        process = self._meteor.meteor_p
+        if process.poll() is None:
+            process.stdin.close()
+            process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+
+
+class CaptionReward:
+    """The self-critical reward: CIDEr-D, plus `meteor_weight` times METEOR when that weight is not 0."""
+
+    def __init__(self, references: dict[str, list[list[str]]], meteor_weight: float = 0.0):
+        self.cider = CiderReward(references)
+        self.meteor = MeteorReward(references) if meteor_weight else None
+        self.meteor_weight = meteor_weight
+
+    def parts(self, image_ids: list[str], captions: list[list[str]]) -> dict[str, np.ndarray]:
+        """Return {"cider_d": ..., "meteor": ... (with a weight), "reward": ...}, one value per caption."""
+        parts = {"cider_d": self.cider(image_ids, captions)}
+        parts["reward"] = parts["cider_d"]
+        if self.meteor is not None:
+            parts["meteor"] = self.meteor(image_ids, captions)
+            parts["reward"] = parts["cider_d"] + self.meteor_weight * parts["meteor"]
+        return parts
+
+    def __call__(self, image_ids: list[str], captions: list[list[str]]) -> np.ndarray:
+        return self.parts(image_ids, captions)["reward"]
+
+    def close(self) -> None:
+        if self.meteor is not None:
+            self.meteor.close()
 
 
 def leave_one_out_advantages(rewards: np.ndarray, samples: int) -> np.ndarray:
@@ -150,10 +211,11 @@ class SelfCriticalResult:
     run_dir: Path
     epochs_run: int
     best_epoch: int
-    best_dev_cider: float
-    start_dev_cider: float
+    best_dev_score: float
+    start_dev_score: float
     seconds: float
     device: str
+    criterion: str  # what the dev score is: "CIDEr-D" or "CIDEr-D + w * METEOR"
 
 
 class _FeatureSource:
@@ -175,10 +237,11 @@ class _FeatureSource:
             self.maps.close()
 
 
-def _dev_cider(
-    stepper, source: _FeatureSource, image_ids: list[str], reward: CiderReward, vocabulary, beam: int, max_length: int
-) -> float:
-    """Return the mean CIDEr-D of beam-search captions of the dev images (decoded in chunks of 500)."""
+def _dev_scores(
+    stepper, source: _FeatureSource, image_ids: list[str], reward: CaptionReward, vocabulary, beam: int, max_length: int
+) -> dict[str, str]:
+    """Return the history columns of the dev split: the mean CIDEr-D of its beam-search captions (decoded
+    in chunks of 500) and, with a METEOR term, their mean METEOR and mean reward."""
     words = []
     for start in range(0, len(image_ids), 500):
         chunk = image_ids[start : start + 500]
@@ -186,7 +249,11 @@ def _dev_cider(
             stepper, source.get(chunk), beam, max_length=max_length, length_penalty=DEFAULT_LENGTH_PENALTY
         ):
             words.append(vocabulary.decode(hypotheses[0].tokens))
-    return float(reward(image_ids, words).mean())
+    parts = reward.parts(image_ids, words)
+    scores = {"dev_cider_d": f"{parts['cider_d'].mean():.4f}"}
+    if "meteor" in parts:
+        scores.update(dev_meteor=f"{parts['meteor'].mean():.4f}", dev_reward=f"{parts['reward'].mean():.4f}")
+    return scores
 
 
 def _history(path: Path) -> list[dict]:
@@ -235,7 +302,15 @@ def self_critical_train(
     dev = select_split(captions, load_split(data_dir, "dev"), available)
     if not train.image_ids or not dev.image_ids:
         raise TrainingError(f"{data_dir}: self-critical training needs train and dev images with features")
-    train_reward, dev_reward = CiderReward(train.captions), CiderReward(dev.captions)
+    if options.meteor_weight < 0:
+        raise TrainingError("the METEOR weight must not be negative")
+    trained_weight = config.get("self_critical", {}).get("meteor_weight", 0.0)
+    if resume and trained_weight != options.meteor_weight:
+        raise TrainingError(
+            f"{run_dir} was trained with METEOR weight {trained_weight:g}; resume it with the same weight"
+        )
+    criterion = f"CIDEr-D + {options.meteor_weight:g} * METEOR" if options.meteor_weight else "CIDEr-D"
+    score_column = "dev_reward" if options.meteor_weight else "dev_cider_d"
 
     if resume:
         state = json.loads(state_file.read_text())
@@ -261,70 +336,79 @@ def self_critical_train(
     max_length = source_run.model_config.max_caption_length
     device = describe_device()
     update = policy_gradient_update(model, optimizer)
-
-    if not rows:  # the starting point, epoch 0, so every later epoch is compared with it
-        start_cider = _dev_cider(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
-        rows = [{"epoch": 0, "mean_reward": "", "dev_cider_d": f"{start_cider:.4f}", "seconds": "0"}]
-        _write_history(run_dir / HISTORY_FILE, rows)
-        save_model_without_optimizer(model, run_dir / MODEL_FILE)
-        if verbose:
-            print(
-                f"self-critical training on {device}: {len(train.image_ids)} train images; dev CIDEr-D at start {start_cider:.4f}"
-            )
-    scores = [float(r["dev_cider_d"]) for r in rows]
     started = time.perf_counter()
-    epoch = state["epochs_done"]
-    for epoch in range(state["epochs_done"] + 1, options.epochs + 1):
-        if len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
-            break
-        epoch_started = time.perf_counter()
-        rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run draws the same
-        order = rng.permutation(len(train.image_ids))
-        rewards_seen = []
-        for start in range(0, len(order), options.batch_images):
-            ids = [train.image_ids[i] for i in order[start : start + options.batch_images]]
-            image_features = source.get(ids)
-            sampled = sample_captions(stepper, image_features, options.samples, options.max_length, rng)
-            repeated_ids = [i for i in ids for _ in range(options.samples)]
-            rewards = train_reward(repeated_ids, [vocabulary.decode(row) for row in sampled])
-            inputs, targets, mask = teacher_forcing_arrays(sampled, vocabulary.start_id, vocabulary.end_id)
-            update(
-                {source.input_name: np.repeat(image_features, options.samples, axis=0), "words": inputs},
-                targets,
-                mask,
-                leave_one_out_advantages(rewards, options.samples).astype(np.float32),
-            )
-            rewards_seen.append(rewards.mean())
-            if verbose and sys.stdout.isatty():
-                print(
-                    f"\repoch {epoch}: {start + len(ids)}/{len(order)} images, mean reward {np.mean(rewards_seen):.4f}",
-                    end="",
-                )
-        dev_cider = _dev_cider(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
-        seconds = time.perf_counter() - epoch_started
-        if dev_cider > max(scores):
+    train_reward = dev_reward = None
+    try:
+        train_reward = CaptionReward(train.captions, options.meteor_weight)
+        dev_reward = CaptionReward(dev.captions, options.meteor_weight)
+        if not rows:  # the starting point, epoch 0, so every later epoch is compared with it
+            start = _dev_scores(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
+            rows = [{"epoch": 0, "mean_reward": "", **start, "seconds": "0"}]
+            _write_history(run_dir / HISTORY_FILE, rows)
             save_model_without_optimizer(model, run_dir / MODEL_FILE)
-        scores.append(dev_cider)
-        rows.append(
-            {
-                "epoch": epoch,
-                "mean_reward": f"{np.mean(rewards_seen):.4f}",
-                "dev_cider_d": f"{dev_cider:.4f}",
-                "seconds": f"{seconds:.0f}",
-            }
-        )
-        _write_history(run_dir / HISTORY_FILE, rows)
-        temporary = run_dir / f".{CHECKPOINT_FILE}.tmp.keras"
-        model.save(temporary)
-        os.replace(temporary, checkpoint)
-        write_json(state_file, {"epochs_done": epoch})
-        if verbose:
-            print(
-                f"\repoch {epoch}/{options.epochs}: mean train reward (CIDEr-D of samples) {np.mean(rewards_seen):.4f}, "
-                f"dev CIDEr-D (beam {options.beam}) {dev_cider:.4f}, {seconds:.0f} s"
+            if verbose:
+                print(
+                    f"self-critical training on {device}: {len(train.image_ids)} train images; "
+                    f"dev {criterion} at start {start[score_column]}"
+                )
+        scores = [float(r[score_column]) for r in rows]
+        for epoch in range(state["epochs_done"] + 1, options.epochs + 1):
+            if len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
+                break
+            epoch_started = time.perf_counter()
+            rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run draws the same
+            order = rng.permutation(len(train.image_ids))
+            rewards_seen = []
+            for begin in range(0, len(order), options.batch_images):
+                ids = [train.image_ids[i] for i in order[begin : begin + options.batch_images]]
+                image_features = source.get(ids)
+                sampled = sample_captions(stepper, image_features, options.samples, options.max_length, rng)
+                repeated_ids = [i for i in ids for _ in range(options.samples)]
+                rewards = train_reward(repeated_ids, [vocabulary.decode(row) for row in sampled])
+                inputs, targets, mask = teacher_forcing_arrays(sampled, vocabulary.start_id, vocabulary.end_id)
+                update(
+                    {source.input_name: np.repeat(image_features, options.samples, axis=0), "words": inputs},
+                    targets,
+                    mask,
+                    leave_one_out_advantages(rewards, options.samples).astype(np.float32),
+                )
+                rewards_seen.append(rewards.mean())
+                if verbose and sys.stdout.isatty():
+                    print(
+                        f"\repoch {epoch}: {begin + len(ids)}/{len(order)} images, "
+                        f"mean reward {np.mean(rewards_seen):.4f}",
+                        end="",
+                    )
+            dev_scores = _dev_scores(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
+            seconds = time.perf_counter() - epoch_started
+            if float(dev_scores[score_column]) > max(scores):
+                save_model_without_optimizer(model, run_dir / MODEL_FILE)
+            scores.append(float(dev_scores[score_column]))
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "mean_reward": f"{np.mean(rewards_seen):.4f}",
+                    **dev_scores,
+                    "seconds": f"{seconds:.0f}",
+                }
             )
-    source.close()
+            _write_history(run_dir / HISTORY_FILE, rows)
+            temporary = run_dir / f".{CHECKPOINT_FILE}.tmp.keras"
+            model.save(temporary)
+            os.replace(temporary, checkpoint)
+            write_json(state_file, {"epochs_done": epoch})
+            if verbose:
+                shown = ", ".join(f"{k.removeprefix('dev_')} {v}" for k, v in dev_scores.items())
+                print(
+                    f"\repoch {epoch}/{options.epochs}: mean train reward ({criterion} of samples) "
+                    f"{np.mean(rewards_seen):.4f}, dev (beam {options.beam}) {shown}, {seconds:.0f} s"
+                )
+    finally:
+        for reward in (train_reward, dev_reward):
+            if reward is not None:
+                reward.close()
+        source.close()
     best = int(np.argmax(scores))
     return SelfCriticalResult(
-        run_dir, len(scores) - 1, best, scores[best], scores[0], time.perf_counter() - started, device
+        run_dir, len(scores) - 1, best, scores[best], scores[0], time.perf_counter() - started, device, criterion
     )

@@ -11,7 +11,9 @@ import pytest
 
 from models.decoding import sample_captions
 from models.self_critical import (
+    CaptionReward,
     CiderReward,
+    MeteorReward,
     SelfCriticalOptions,
     leave_one_out_advantages,
     policy_gradient_update,
@@ -49,6 +51,40 @@ def test_reward_of_a_batch_uses_the_corpus_document_frequencies():
     np.testing.assert_allclose(
         reward(["a", "a"], [["a", "dog", "runs"], ["a", "bike"]]), [together[0], 0.0], atol=1e-12
     )
+
+
+def test_meteor_reward_is_pycocoevalcaps_meteor_per_caption():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    ids = ["a", "b", "c", "a"]
+    captions = [["a", "dog", "runs", "on", "the", "grass"], ["a", "man", "rides", "a", "bike"], [], ["a", "dog"]]
+    gts = {k: [" ".join(r) for r in REFERENCES[i]] for k, i in enumerate(ids)}
+    expected = Meteor().compute_score(gts, {k: [" ".join(c)] for k, c in enumerate(captions)})[1]
+    reward = MeteorReward(REFERENCES)
+    try:
+        scores = reward(ids, captions)
+        np.testing.assert_allclose(scores, expected, rtol=1e-12)
+        assert scores[0] > 0.9  # a reference, word for word
+        assert scores[1] < 0.1 and scores[2] == 0.0  # another image's caption; nothing
+        assert 0.1 < scores[3] < scores[0]  # the right words, too few of them: recall is low
+        assert reward([], []).shape == (0,)
+    finally:
+        reward.close()
+
+
+def test_caption_reward_adds_the_weighted_meteor_to_cider_d():
+    ids, captions = ["a", "b", "c"], [["a", "dog", "runs"], ["kids", "in", "water"], ["a", "man", "on", "a", "bike"]]
+    plain = CaptionReward(REFERENCES)
+    assert plain.meteor is None  # no Java process without a METEOR term
+    np.testing.assert_allclose(plain(ids, captions), CiderReward(REFERENCES)(ids, captions))
+    mixed = CaptionReward(REFERENCES, meteor_weight=2.5)
+    try:
+        parts = mixed.parts(ids, captions)
+        assert set(parts) == {"cider_d", "meteor", "reward"} and parts["meteor"].min() > 0
+        np.testing.assert_allclose(parts["reward"], parts["cider_d"] + 2.5 * parts["meteor"])
+        np.testing.assert_allclose(mixed(ids, captions), parts["reward"])
+    finally:
+        mixed.close()
 
 
 def test_leave_one_out_advantages():
@@ -127,7 +163,7 @@ def test_tiny_run_writes_a_loadable_run_and_resumes(tiny_run, tiny_store, tiny_f
     assert result.epochs_run == 2
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    assert result.best_dev_cider == pytest.approx(max(float(r["dev_cider_d"]) for r in rows), abs=1e-4)
+    assert result.best_dev_score == pytest.approx(max(float(r["dev_cider_d"]) for r in rows), abs=1e-4)
     run = load_run(out)
     assert run.config["self_critical"]["samples"] == 3 and run.config["model"] == load_run(tiny_run).config["model"]
     with pytest.raises(TrainingError, match="--resume"):
@@ -139,6 +175,27 @@ def test_tiny_run_writes_a_loadable_run_and_resumes(tiny_run, tiny_store, tiny_f
     assert [int(r["epoch"]) for r in csv.DictReader((out / "history.csv").open())] == [0, 1, 2, 3]
 
 
+def test_a_meteor_term_is_in_the_history_picks_the_epoch_and_must_match_on_resume(
+    tiny_run, tiny_store, tiny_flickr, tmp_path
+):
+    out = tmp_path / "scst_meteor"
+    options = SelfCriticalOptions(
+        epochs=2, batch_images=4, samples=3, learning_rate=1e-3, patience=5, meteor_weight=4.0
+    )
+    result = self_critical_train(tiny_run, tiny_store, tiny_flickr, out, options, verbose=False)
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert list(rows[0]) == ["epoch", "mean_reward", "dev_cider_d", "dev_meteor", "dev_reward", "seconds"]
+    for row in rows:
+        combined = float(row["dev_cider_d"]) + 4.0 * float(row["dev_meteor"])
+        assert float(row["dev_reward"]) == pytest.approx(combined, abs=3e-4)  # each printed to 4 places
+    assert result.criterion == "CIDEr-D + 4 * METEOR"
+    assert result.best_dev_score == pytest.approx(max(float(r["dev_reward"]) for r in rows), abs=1e-4)
+    assert result.best_epoch == int(np.argmax([float(r["dev_reward"]) for r in rows]))
+    options.epochs, options.meteor_weight = 3, 1.0
+    with pytest.raises(TrainingError, match="METEOR weight 4"):
+        self_critical_train(tiny_run, tiny_store, tiny_flickr, out, options, resume=True, verbose=False)
+
+
 def test_cli_self_critical_bad_input_is_one_line(tmp_path, capsys):
     import train
 
@@ -147,6 +204,11 @@ def test_cli_self_critical_bad_input_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such run directory" in err[0]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--self-critical", str(tmp_path), "--meteor-weight", "-1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--meteor-weight must not be negative" in err[-1]
 
 
 def test_attention_run_fine_tunes_on_its_spatial_maps(tiny_attention_run, tiny_spatial_store, tiny_flickr, tmp_path):
