@@ -120,6 +120,8 @@ class MeteorReward:
         try:
             return np.asarray(self._meteor.compute_score(gts, res)[1], dtype=np.float64)
         except (OSError, ValueError) as error:  # the Java process died or answered garbage
+            if self._meteor.lock.locked():  # pycocoevalcap keeps it on an error; its __del__ would then hang
+                self._meteor.lock.release()
             raise TrainingError(f"the METEOR scorer failed: {error}") from None
 
     def close(self) -> None:

@@ -70,6 +70,9 @@ def test_meteor_reward_is_pycocoevalcaps_meteor_per_caption():
         assert reward([], []).shape == (0,)
     finally:
         reward.close()
+    with pytest.raises(TrainingError, match="the METEOR scorer failed"):  # its Java process is gone
+        reward(ids, captions)
+    assert not reward._meteor.lock.locked()  # so the scorer's own clean-up does not block
 
 
 def test_caption_reward_adds_the_weighted_meteor_to_cider_d():
