@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_LENGTH_PENALTY,
         help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
     )
+    parser.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=0,
+        metavar="N",
+        help="never repeat N consecutive words within a caption (N >= 2; default 0: no block)",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--features", type=Path, help="feature store to reuse instead of encoding the images")
     parser.add_argument("--json", type=Path, help="write the full report (metrics, counts, captions) here")
@@ -44,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or [DEFAULT_RUN]
     if args.beam < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--beam and --limit must be positive")
+    if args.no_repeat_ngram < 0 or args.no_repeat_ngram == 1:
+        parser.error("--no-repeat-ngram must be 0 (off) or at least 2")
     return args
 
 
@@ -59,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError):
         captioner = Captioner.load(args.model)
         report = evaluate_captions(
-            captioner, args.data, args.split, args.beam, args.limit, args.features, args.length_penalty
+            captioner,
+            args.data,
+            args.split,
+            args.beam,
+            args.limit,
+            args.features,
+            args.length_penalty,
+            args.no_repeat_ngram,
         )
     counts = report.counts
     print(
         f"{captioner.name} on {args.data.name} {args.split} split, beam {args.beam}, length penalty "
-        f"{args.length_penalty}: {counts['captioned']} images captioned, {counts['missing_on_disk']} missing "
+        f"{args.length_penalty}{f', no repeated {args.no_repeat_ngram}-grams' if args.no_repeat_ngram else ''}: "
+        f"{counts['captioned']} images captioned, {counts['missing_on_disk']} missing "
         f"on disk, {counts['unreadable']} unreadable, {counts['no_captions']} without captions"
     )
     for name, value in {**report.metrics, **report.secondary}.items():

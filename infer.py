@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_LENGTH_PENALTY,
         help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
     )
+    parser.add_argument(
+        "--no-repeat-ngram", type=int, default=0, metavar="N", help="never repeat N words in a row within a caption"
+    )
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument(
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--beam must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max-length must be at least 2")
+    if args.no_repeat_ngram < 0 or args.no_repeat_ngram == 1:
+        parser.error("--no-repeat-ngram must be 0 (off) or at least 2")
     return args
 
 
@@ -73,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
             classifier = load_classifier_run(args.classifier)
         captions, errors = captioner.caption_files(
-            args.images, args.beam, args.max_length, args.length_penalty, attention=args.attention_map is not None
+            args.images,
+            args.beam,
+            args.max_length,
+            args.length_penalty,
+            attention=args.attention_map is not None,
+            no_repeat_ngram=args.no_repeat_ngram,
         )
         if args.attention_map:
             from models.attention import draw_attention_map

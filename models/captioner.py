@@ -153,10 +153,18 @@ class Captioner:
         beam: int = 3,
         max_length: int | None = None,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        no_repeat_ngram: int = 0,
     ) -> list[list[Hypothesis]]:
         """Return the beam hypotheses for each feature vector."""
         max_length = max_length or self.max_caption_length
-        return beam_search(self.stepper, features, beam_size=beam, max_length=max_length, length_penalty=length_penalty)
+        return beam_search(
+            self.stepper,
+            features,
+            beam_size=beam,
+            max_length=max_length,
+            length_penalty=length_penalty,
+            no_repeat_ngram=no_repeat_ngram,
+        )
 
     def caption_features(
         self,
@@ -166,6 +174,7 @@ class Captioner:
         max_length: int | None = None,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
         attention: bool = False,
+        no_repeat_ngram: int = 0,
     ) -> list[Caption]:
         """Return the captions of precomputed features; with `attention`, each word's attention weights."""
         if attention and not isinstance(self.stepper, AttentionStepper):
@@ -178,7 +187,7 @@ class Captioner:
                 f"{self.run.path}: {what} no attention weights to show; use a single run trained with --decoder attention"
             )
         results = []
-        decoded = self.decode(features, beam, max_length, length_penalty)
+        decoded = self.decode(features, beam, max_length, length_penalty, no_repeat_ngram)
         for name, hypotheses in zip(names, decoded, strict=True):
             beams = [(" ".join(self.vocabulary.decode(h.tokens)), h.log_prob) for h in hypotheses]
             results.append(Caption(name, beams[0][0], beams))
@@ -197,6 +206,7 @@ class Captioner:
         max_length: int | None = None,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
         attention: bool = False,
+        no_repeat_ngram: int = 0,
     ) -> tuple[list[Caption], dict[str, str]]:
         """Return (captions of the readable images, {path: reason} for the unreadable ones)."""
         pixels, names, errors = [], [], {}
@@ -209,4 +219,5 @@ class Captioner:
         if not pixels:
             return [], errors
         features = self.encode(np.stack(pixels))
-        return self.caption_features(names, features, beam, max_length, length_penalty, attention), errors
+        captions = self.caption_features(names, features, beam, max_length, length_penalty, attention, no_repeat_ngram)
+        return captions, errors

@@ -179,11 +179,13 @@ def beam_search(
     end_id: int = 3,
     pad_id: int = 0,
     banned_ids: tuple[int, ...] = (0, 1, 2),
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     """Return each image's `beam_size` best captions, best first, decoded together in one batch.
 
     Scores are summed log-probabilities divided by length ** `length_penalty` (0 = none).
-    `<pad>`, `<unk>` and `<start>` are never generated.
+    `<pad>`, `<unk>` and `<start>` are never generated. With `no_repeat_ngram` N >= 2, no caption
+    contains the same N consecutive tokens twice (a word that would repeat one is not generated).
     """
     batch, k = len(features), beam_size
     state = stepper.start(np.repeat(np.asarray(features, dtype=np.float32), k, axis=0))
@@ -199,6 +201,8 @@ def beam_search(
         vocab = log_probs.shape[1]
         log_probs = log_probs.reshape(batch, k, vocab).astype(np.float64)
         log_probs[..., list(banned_ids)] = -np.inf
+        if no_repeat_ngram >= 2:
+            _block_repeated_ngrams(log_probs, sequences, no_repeat_ngram)
         # A finished beam continues only with <pad>, at no cost, so it keeps its score and slot.
         log_probs[finished] = -np.inf
         log_probs[finished, pad_id] = 0.0
@@ -225,6 +229,19 @@ def beam_search(
             hypotheses.append(Hypothesis(ids, float(scores[i, j]), float(scores[i, j] / norm)))
         results.append(sorted(hypotheses, key=lambda h: -h.score))
     return results
+
+
+def _block_repeated_ngrams(log_probs: np.ndarray, sequences: np.ndarray, n: int) -> None:
+    """Set to -inf, in place, each word that would end an n-gram already in its beam's sequence.
+
+    `log_probs` (batch, beams, vocab); `sequences` (batch, beams, t), the tokens generated so far.
+    """
+    if sequences.shape[2] < n:
+        return
+    windows = np.lib.stride_tricks.sliding_window_view(sequences, n, axis=2)  # (batch, beams, t - n + 1, n)
+    prefix = sequences[:, :, None, sequences.shape[2] - (n - 1) :]  # the last n - 1 tokens
+    image, beam, position = np.nonzero((windows[..., : n - 1] == prefix).all(axis=3))
+    log_probs[image, beam, windows[image, beam, position, n - 1]] = -np.inf
 
 
 def sample_captions(

@@ -31,12 +31,14 @@ class EvaluationReport:
     captions: dict[str, str]  # image id -> generated caption
     references: dict[str, list[str]] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
+    no_repeat_ngram: int = 0
 
     def to_dict(self, run_config: dict) -> dict:
         return {
             "split": self.split,
             "beam": self.beam,
             "length_penalty": self.length_penalty,
+            "no_repeat_ngram": self.no_repeat_ngram,
             "metrics": self.metrics,
             "secondary_metrics": self.secondary,
             "counts": self.counts,
@@ -93,6 +95,7 @@ def evaluate_captions(
     limit: int | None = None,
     features: str | Path | None = None,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    no_repeat_ngram: int = 0,
 ) -> EvaluationReport:
     """Caption every image of `split` that is on disk and score it against all its references."""
     started = time.perf_counter()
@@ -118,14 +121,27 @@ def evaluate_captions(
     for start in range(0, len(ids), DECODE_CHUNK):
         chunk = ids[start : start + DECODE_CHUNK]
         for result in captioner.caption_features(
-            chunk, matrix[start : start + DECODE_CHUNK], beam, length_penalty=length_penalty
+            chunk,
+            matrix[start : start + DECODE_CHUNK],
+            beam,
+            length_penalty=length_penalty,
+            no_repeat_ngram=no_repeat_ngram,
         ):
             generated[result.image] = result.caption
     references = {i: captions[i] for i in ids}
     metrics = coco_scores(references, generated) if generated else {}
     secondary = nltk_corpus_bleu(references, generated) if generated else {}
     return EvaluationReport(
-        split, beam, length_penalty, metrics, secondary, counts, generated, references, time.perf_counter() - started
+        split,
+        beam,
+        length_penalty,
+        metrics,
+        secondary,
+        counts,
+        generated,
+        references,
+        time.perf_counter() - started,
+        no_repeat_ngram,
     )
 
 

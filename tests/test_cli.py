@@ -179,6 +179,24 @@ def test_metrics_on_literal_captions():
     assert nltk["NLTK-BLEU-4"] == pytest.approx(1.0)
 
 
+def test_evaluate_blocks_repeated_word_pairs_when_asked(tiny_run, tiny_flickr, tmp_path, capsys):
+    import evaluate
+
+    report_path = tmp_path / "report.json"
+    args = ["--model", str(tiny_run), "--data", str(tiny_flickr), "--beam", "3", "--json", str(report_path)]
+    assert evaluate.main([*args, "--no-repeat-ngram", "2"]) == 0
+    assert "no repeated 2-grams" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["no_repeat_ngram"] == 2 and report["counts"]["captioned"] == 3
+    for item in report["captions"]:
+        words = item["caption"].split()
+        assert len(set(zip(words, words[1:], strict=False))) == len(words) - 1, item["caption"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*args, "--no-repeat-ngram", "1"])
+    assert exit_info.value.code == 2
+    assert "--no-repeat-ngram must be 0 (off) or at least 2" in capsys.readouterr().err
+
+
 def test_evaluate_end_to_end_on_a_tiny_run(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
     import evaluate
 

@@ -186,3 +186,64 @@ def test_length_penalty_prefers_longer_captions_when_asked():
         assert hypothesis.score == pytest.approx(hypothesis.log_prob / length)
     assert plain[0].tokens == [5, 3]
     assert [h.tokens for h in sorted(plain, key=lambda h: -h.log_prob / len(h.tokens))][0] == normalised[0].tokens
+
+
+class LoopStepper:
+    """A Markov model over <end> and the words 4, 5, 6 that would rather go round 4 -> 5 -> 4 -> 5 than stop."""
+
+    # rows: previous token; columns: <pad> <unk> <start> <end> 4 5 6
+    TABLE = np.log(
+        np.array(
+            [
+                [1, 1, 1, 1, 1, 1, 1],
+                [1, 1, 1, 1, 1, 1, 1],
+                [1e-9, 1e-9, 1e-9, 0.01, 0.80, 0.10, 0.09],  # after <start>: 4
+                [1, 1, 1, 1, 1, 1, 1],
+                [1e-9, 1e-9, 1e-9, 0.01, 0.05, 0.84, 0.10],  # after 4: 5
+                [1e-9, 1e-9, 1e-9, 0.01, 0.80, 0.04, 0.15],  # after 5: back to 4
+                [1e-9, 1e-9, 1e-9, 0.60, 0.20, 0.10, 0.10],  # after 6: stop
+            ]
+        )
+    )
+
+    def start(self, features):
+        return [np.zeros((len(features), 1), np.float32)]
+
+    def step(self, tokens, state):
+        return self.TABLE[np.asarray(tokens)].copy(), state
+
+
+def _ngrams(tokens, n):
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_no_repeat_ngram_keeps_every_n_gram_of_a_caption_unique(n):
+    features = np.zeros((3, 1))
+    plain = beam_search(LoopStepper(), features, beam_size=3, max_length=12)
+    assert plain[0][0].tokens[:4] == [4, 5, 4, 5]  # without the block the model loops
+    blocked = beam_search(LoopStepper(), features, beam_size=3, max_length=12, no_repeat_ngram=n)
+    for hypotheses in blocked:
+        assert len(hypotheses) == 3
+        for hypothesis in hypotheses:
+            grams = _ngrams(hypothesis.tokens, n)
+            assert len(grams) == len(set(grams)), hypothesis.tokens
+    # the block only removes words: a caption it allows keeps its log-probability
+    best = blocked[0][0]
+    previous, total = 2, 0.0
+    for token in best.tokens:
+        total += LoopStepper.TABLE[previous, token]
+        previous = token
+    assert best.log_prob == pytest.approx(total)
+
+
+def test_no_repeat_ngram_keeps_the_captions_that_do_not_repeat():
+    stepper = ToyStepper()
+    plain = beam_search(stepper, np.zeros((2, 1)), beam_size=2, max_length=6)
+    blocked = beam_search(stepper, np.zeros((2, 1)), beam_size=2, max_length=6, no_repeat_ngram=3)
+    for before, after in zip(plain, blocked, strict=True):
+        assert before[0].tokens == after[0].tokens == [5, 3]  # the best caption has no repeat: kept
+        assert before[1].tokens == [4, 4, 4, 4, 4]  # the runner-up repeats (4, 4, 4) ...
+        assert after[1].tokens != before[1].tokens and len(set(_ngrams(after[1].tokens, 3))) == len(
+            _ngrams(after[1].tokens, 3)
+        )  # ... and is replaced by one that does not
