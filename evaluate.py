@@ -11,13 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import clean_errors
+from cli import add_decoding_arguments, clean_errors
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from models.captioner import DEFAULT_LENGTH_PENALTY
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,19 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder")
     parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     parser.add_argument("--beam", type=int, default=3)
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=DEFAULT_LENGTH_PENALTY,
-        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
-    )
-    parser.add_argument(
-        "--no-repeat-ngram",
-        type=int,
-        default=0,
-        metavar="N",
-        help="never repeat N consecutive words within a caption (N >= 2; default 0: no block)",
-    )
+    add_decoding_arguments(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--features", type=Path, help="feature store to reuse instead of encoding the images")
     parser.add_argument("--json", type=Path, help="write the full report (metrics, counts, captions) here")
@@ -51,8 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or [DEFAULT_RUN]
     if args.beam < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--beam and --limit must be positive")
-    if args.no_repeat_ngram < 0 or args.no_repeat_ngram == 1:
-        parser.error("--no-repeat-ngram must be 0 (off) or at least 2")
     return args
 
 

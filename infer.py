@@ -12,11 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from cli import clean_errors
+from cli import add_decoding_arguments, clean_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from models.captioner import DEFAULT_LENGTH_PENALTY
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,15 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--beam", type=int, default=3, help="beam width; 1 = greedy (default 3)")
     parser.add_argument("--max-length", type=int, help="longest caption in tokens (default: the run's)")
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=DEFAULT_LENGTH_PENALTY,
-        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
-    )
-    parser.add_argument(
-        "--no-repeat-ngram", type=int, default=0, metavar="N", help="never repeat N words in a row within a caption"
-    )
+    add_decoding_arguments(parser)
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument(
@@ -58,8 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--beam must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max-length must be at least 2")
-    if args.no_repeat_ngram < 0 or args.no_repeat_ngram == 1:
-        parser.error("--no-repeat-ngram must be 0 (off) or at least 2")
     return args
 
 

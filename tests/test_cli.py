@@ -194,7 +194,8 @@ def test_evaluate_blocks_repeated_word_pairs_when_asked(tiny_run, tiny_flickr, t
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([*args, "--no-repeat-ngram", "1"])
     assert exit_info.value.code == 2
-    assert "--no-repeat-ngram must be 0 (off) or at least 2" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--no-repeat-ngram: must be 0 (off) or at least 2" in err[-1]
 
 
 def test_evaluate_end_to_end_on_a_tiny_run(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
