@@ -15,14 +15,12 @@ and scored the same way; the best epoch is the model.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +47,7 @@ from models.rundir import (
 from models.training import CHECKPOINT_FILE, TrainingError, describe_device, open_spatial_maps, resume_files
 from pipeline.batches import LENGTH_BUCKET
 from pipeline.captions import load_captions, load_split, select_split
+from pipeline.metrics import stop_meteor
 
 
 @dataclass
@@ -120,17 +119,11 @@ class MeteorReward:
         try:
             return np.asarray(self._meteor.compute_score(gts, res)[1], dtype=np.float64)
         except (OSError, ValueError) as error:  # the Java process died or answered garbage
-            if self._meteor.lock.locked():  # pycocoevalcap keeps it on an error; its __del__ would then hang
-                self._meteor.lock.release()
+            stop_meteor(self._meteor)  # also frees the lock pycocoevalcap keeps on an error
             raise TrainingError(f"the METEOR scorer failed: {error}") from None
 
     def close(self) -> None:
-        process = self._meteor.meteor_p
-        if process.poll() is None:
-            process.stdin.close()
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
+        stop_meteor(self._meteor)
 
 
 class CaptionReward:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import subprocess
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
@@ -42,12 +43,26 @@ def coco_scores(references: dict[str, list[str]], hypotheses: dict[str, str]) ->
         bleu, _ = Bleu(4).compute_score(gts, res)
         scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
         meteor = Meteor()
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-        with contextlib.suppress(Exception):
-            meteor.close()
+        try:
+            scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        finally:
+            stop_meteor(meteor)
         scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return scores
+
+
+def stop_meteor(meteor) -> None:
+    """End the Java process of a pycocoevalcap `Meteor` (it has no close method of its own; its `__del__`
+    would block on the lock a failed `compute_score` leaves held, so that lock is released too)."""
+    if meteor.lock.locked():
+        meteor.lock.release()
+    process = meteor.meteor_p
+    if process.poll() is None:
+        process.stdin.close()
+        process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
 
 
 def nltk_corpus_bleu(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, float]:
