@@ -25,22 +25,41 @@ those of its mirror image: a test-time augmentation that costs one more encoding
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 from cli import clean_errors, fail
+
+T = TypeVar("T")
 
 FLIP_HELP = "test-time augmentation: average each image's probabilities with its mirror image's"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from features.augment import AUGMENTATIONS
-    from features.encoders import DEFAULT_ENCODER, ENCODERS
-    from models.classifier import HEADS
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        check_train_arguments(parser, args)
+    return args
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    add_train_command(commands)
+    add_evaluate_command(commands)
+    add_predict_command(commands)
+    return parser
+
+
+def add_train_command(commands) -> None:
+    """Add `train`, whose options are named like the fields of ClassifierTrainingOptions."""
+    from classifier.augment import AUGMENTATIONS
+    from classifier.model import HEADS
+    from features.encoders import DEFAULT_ENCODER, ENCODERS
 
     train = commands.add_parser("train", help="train a classifier head and write a run directory")
     train.add_argument("--data", type=Path, required=True, help="class-per-folder image set DIR/<class>/*")
@@ -48,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--head", default="dense", choices=sorted(HEADS), help="dense: pooled vector; gru: 7x7 map")
     train.add_argument(
         "--augment",
+        dest="augmentations",
         nargs="?",
         const=",".join(AUGMENTATIONS),
         default="",
@@ -57,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--features", type=Path, help="feature store (default features/store/<parent>_<folder>_...)")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--lr", dest="learning_rate", metavar="LR", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and validation split")
     train.add_argument("--split-seed", type=int, help="seed of the validation split alone (default: --seed)")
     train.add_argument("--validation-fraction", type=float, default=0.2, help="share of each class held out")
@@ -80,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--fine-tune-lr", type=float, default=1e-4, help="Adam learning rate of that phase (1e-4)")
     train.add_argument("--no-progress", action="store_true")
 
+
+def add_evaluate_command(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="score a run: accuracy, per-class F1, confusion, ROC")
     evaluate.add_argument("--model", type=Path, required=True, help="run directory from classify.py train")
     evaluate.add_argument("--data", type=Path, required=True, help="class-per-folder image set")
@@ -90,63 +112,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluate.add_argument("--flip", action="store_true", help=FLIP_HELP)
     evaluate.add_argument("--no-progress", action="store_true")
 
+
+def add_predict_command(commands) -> None:
     predict = commands.add_parser("predict", help="print the class of each photo")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--model", type=Path, required=True, help="run directory from classify.py train")
     predict.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     predict.add_argument("--flip", action="store_true", help=FLIP_HELP)
 
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        for name in ("epochs", "batch_size", "patience", "rnn_units", "fine_tune_epochs"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be positive")
-        if args.units < 0:
-            parser.error("--units must be 0 (no hidden layer) or positive")
-        if not 0 < args.validation_fraction < 1:
-            parser.error("--validation-fraction must be between 0 and 1")
-        for name in ("dropout", "label_smoothing"):
-            if not 0 <= getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
-        if args.lr <= 0 or args.fine_tune_lr <= 0:
-            parser.error("--lr and --fine-tune-lr must be positive")
-        if args.fine_tune_blocks < 0:
-            parser.error("--fine-tune-blocks must be 0 (frozen encoder) or positive")
-        if args.fine_tune_blocks and args.head != "dense":
-            parser.error("--fine-tune-blocks works with the dense head only")
-        if args.l2 < 0:
-            parser.error("--l2 must be 0 or positive")
-        args.augment = [name.strip() for name in args.augment.split(",") if name.strip()]
-        unknown = sorted(set(args.augment) - set(AUGMENTATIONS))
-        if unknown:
-            parser.error(f"--augment: unknown {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
-    return args
+
+def check_train_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible train options with argparse's one line; split --augment into its names."""
+    from classifier.augment import AUGMENTATIONS
+
+    for name in ("epochs", "batch_size", "patience", "rnn_units", "fine_tune_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.units < 0:
+        parser.error("--units must be 0 (no hidden layer) or positive")
+    if not 0 < args.validation_fraction < 1:
+        parser.error("--validation-fraction must be between 0 and 1")
+    for name in ("dropout", "label_smoothing"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+    if args.learning_rate <= 0 or args.fine_tune_lr <= 0:
+        parser.error("--lr and --fine-tune-lr must be positive")
+    if args.fine_tune_blocks < 0:
+        parser.error("--fine-tune-blocks must be 0 (frozen encoder) or positive")
+    if args.fine_tune_blocks and args.head != "dense":
+        parser.error("--fine-tune-blocks works with the dense head only")
+    if args.l2 < 0:
+        parser.error("--l2 must be 0 or positive")
+    args.augmentations = [name.strip() for name in args.augmentations.split(",") if name.strip()]
+    unknown = sorted(set(args.augmentations) - set(AUGMENTATIONS))
+    if unknown:
+        parser.error(f"--augment: unknown {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Return the dataclass `cls` filled from the parsed arguments named like its fields (the rest: defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in vars(args).items() if name in names})
 
 
 def train(args: argparse.Namespace) -> int:
-    from models.classifier_training import ClassifierTrainingOptions, train_classifier
+    from classifier.training import ClassifierTrainingOptions, train_classifier
 
-    options = ClassifierTrainingOptions(
-        head=args.head,
-        augmentations=args.augment,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        validation_fraction=args.validation_fraction,
-        patience=args.patience,
-        units=args.units,
-        rnn_units=args.rnn_units,
-        dropout=args.dropout,
-        l2=args.l2,
-        label_smoothing=args.label_smoothing,
-        encoder=args.encoder,
-        weights=args.weights,
-        fine_tune_blocks=args.fine_tune_blocks,
-        fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_lr=args.fine_tune_lr,
-    )
+    options = dataclass_from_args(ClassifierTrainingOptions, args)
     result = train_classifier(args.data, args.out, options, args.features, progress=not args.no_progress)
     if result.empty_classes:
         print(
@@ -166,7 +178,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from models.classifier_evaluation import evaluate_classifier, write_evaluation
+    from classifier.evaluation import evaluate_classifier, write_evaluation
 
     if args.json.is_dir():  # checked first: the metrics would be lost after the whole evaluation
         fail(f"--json {args.json}: is a folder; give the name of the metrics file to write")
@@ -190,7 +202,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from models.classifier import classify_files
+    from classifier.model import classify_files
 
     results, errors = classify_files(args.model, args.images, flip=args.flip)
     for reason in errors.values():
@@ -214,11 +226,11 @@ def predict(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from classifier.classes import ClassFolderError
+    from classifier.model import ClassifierError
     from features.encoders import EncoderError
     from features.store import FeatureStoreError
-    from models.classifier import ClassifierError
     from models.rundir import RunDirError
-    from pipeline.classes import ClassFolderError
 
     with clean_errors(ClassifierError, ClassFolderError, FeatureStoreError, EncoderError, RunDirError, OSError):
         code = {"train": train, "evaluate": evaluate, "predict": predict}[args.command](args)

@@ -43,34 +43,56 @@ def clean_errors(*known: type[BaseException]):
         fail(str(error))
 
 
-def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the beam-search ranking flags of infer.py and evaluate.py: `--length-penalty A` and
-    `--no-repeat-ngram N` (never repeat N tokens in a row; 0, the default, is off)."""
-    from models.captioner import DEFAULT_LENGTH_PENALTY
+def _whole_number(minimum: int, allowed_zero: bool = False):
+    """Return an argparse type: an integer at least `minimum` (or 0, when `allowed_zero`)."""
 
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=DEFAULT_LENGTH_PENALTY,
-        help=f"rank beams by logP / length**this (default {DEFAULT_LENGTH_PENALTY})",
-    )
-
-    def size(text: str) -> int:
+    def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < 0 or value == 1:
-            raise argparse.ArgumentTypeError("must be 0 (off) or at least 2")
+        if value < minimum and not (allowed_zero and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'0 (off) or ' if allowed_zero else ''}at least {minimum}")
         return value
 
-    parser.add_argument(
-        "--no-repeat-ngram",
-        type=size,
-        default=0,
-        metavar="N",
-        help="never repeat N consecutive words within a caption (N >= 2; default 0: no block)",
+    return parse
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the decoding flags that infer.py, evaluate.py and serve.py share, with the defaults of
+    `models.search.DecodingOptions`: --beam, --max-length, --length-penalty, --no-repeat-ngram."""
+    from models.search import DecodingOptions
+
+    default = DecodingOptions()
+    group = parser.add_argument_group("decoding")
+    group.add_argument(
+        "--beam", type=_whole_number(1), default=default.beam, help=f"beam width; 1 = greedy (default {default.beam})"
     )
+    group.add_argument(
+        "--max-length",
+        type=_whole_number(2),
+        help="longest caption in tokens (default: the run's longest train caption)",
+    )
+    group.add_argument(
+        "--length-penalty",
+        type=float,
+        default=default.length_penalty,
+        help=f"rank beams by logP / length**this (default {default.length_penalty})",
+    )
+    group.add_argument(
+        "--no-repeat-ngram",
+        type=_whole_number(2, allowed_zero=True),
+        default=default.no_repeat_ngram,
+        metavar="N",
+        help=f"never repeat N consecutive words within a caption (N >= 2; default {default.no_repeat_ngram}: no block)",
+    )
+
+
+def decoding_options(args: argparse.Namespace):
+    """Return the `models.search.DecodingOptions` of flags added by `add_decoding_arguments`."""
+    from models.search import DecodingOptions
+
+    return DecodingOptions(args.beam, args.max_length, args.length_penalty, args.no_repeat_ngram)
 
 
 import_tensorflow_quietly()

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import add_decoding_arguments, clean_errors
+from cli import add_decoding_arguments, clean_errors, decoding_options
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
 
@@ -26,9 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="run or ensemble directory (default: the shipped model); repeat it to score several runs as an ensemble",
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder")
-    parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
-    parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="caption dataset (a Flickr8k folder)")
+    parser.add_argument("--split", default="dev", help="a split of the dataset (Flickr8k: train, dev, test)")
     add_decoding_arguments(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--features", type=Path, help="feature store to reuse instead of encoding the images")
@@ -36,36 +35,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=Path, help="write a PNG grid of sample captions here")
     args = parser.parse_args(argv)
     args.model = args.model or [DEFAULT_RUN]
-    if args.beam < 1 or (args.limit is not None and args.limit < 1):
-        parser.error("--beam and --limit must be positive")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from features.encoders import EncoderError
+    from features.store import FeatureStoreError
     from models.captioner import Captioner
     from models.evaluation import draw_samples, evaluate_captions, write_report
     from models.rundir import RunDirError
     from pipeline.captions import CaptionFileError
+    from pipeline.datasets import open_dataset
     from pipeline.metrics import MetricsError
 
-    with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError):
+    options = decoding_options(args)
+    with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError, FeatureStoreError):
+        dataset = open_dataset(args.data)
         captioner = Captioner.load(args.model)
-        report = evaluate_captions(
-            captioner,
-            args.data,
-            args.split,
-            args.beam,
-            args.limit,
-            args.features,
-            args.length_penalty,
-            args.no_repeat_ngram,
-        )
+        report = evaluate_captions(captioner, dataset, args.split, options, args.limit, args.features)
     counts = report.counts
     print(
-        f"{captioner.name} on {args.data.name} {args.split} split, beam {args.beam}, length penalty "
-        f"{args.length_penalty}{f', no repeated {args.no_repeat_ngram}-grams' if args.no_repeat_ngram else ''}: "
+        f"{captioner.name} on {dataset.root.name} {args.split} split, beam {options.beam}, length penalty "
+        f"{options.length_penalty}{f', no repeated {options.no_repeat_ngram}-grams' if options.no_repeat_ngram else ''}: "
         f"{counts['captioned']} images captioned, {counts['missing_on_disk']} missing "
         f"on disk, {counts['unreadable']} unreadable, {counts['no_captions']} without captions"
     )
@@ -74,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_report(report, captioner.description, args.json)
     if args.samples:
-        draw_samples(report, args.data, args.samples)
+        draw_samples(report, dataset, args.samples)
     if counts["captioned"] == 0:
-        print(f"error: no image of the {args.split} split is on disk under {args.data / 'Images'}", file=sys.stderr)
+        print(f"error: no image of the {args.split} split of {dataset.root} is on disk", file=sys.stderr)
         return 1
     return 0
 

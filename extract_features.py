@@ -17,6 +17,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from features.encoders import DEFAULT_ENCODER, ENCODERS
+    from features.images import DEFAULT_MAX_PIXELS, pixel_count
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spatial", action="store_true", help="also store spatial maps (HDF5) for attention")
     parser.add_argument("--flush-every", type=int, default=512, help="images per atomic store update")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels (default 50M)"
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.flush_every < 1:
         parser.error("--batch-size and --flush-every must be positive")
@@ -42,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from features.encoders import EncoderError
     from features.extract import extract_features
+    from features.images import set_max_pixels
     from features.store import FeatureStoreError
-    from pipeline.captions import CaptionFileError, image_sources
+    from pipeline.captions import CaptionFileError
+    from pipeline.datasets import image_sources
 
+    set_max_pixels(args.max_pixels)
     with clean_errors(EncoderError, FeatureStoreError, CaptionFileError, OSError):
         sources, missing = image_sources(args.data)
         out = args.out or Path("features") / "store" / f"{args.data.name}_{args.encoder}.pkl"

@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from cli import add_decoding_arguments, clean_errors
+from cli import add_decoding_arguments, clean_errors, decoding_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from features.images import DEFAULT_MAX_PIXELS, pixel_count
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,11 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help=f"run or ensemble directory (default {DEFAULT_RUN.name}); repeat it to decode several runs as an ensemble",
     )
-    parser.add_argument("--beam", type=int, default=3, help="beam width; 1 = greedy (default 3)")
-    parser.add_argument("--max-length", type=int, help="longest caption in tokens (default: the run's)")
     add_decoding_arguments(parser)
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument(
+        "--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, help="refuse bigger images (default 50M)"
+    )
     parser.add_argument(
         "--attention-map",
         type=Path,
@@ -45,77 +47,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.model = args.model or [DEFAULT_RUN]
-    if args.beam < 1:
-        parser.error("--beam must be at least 1")
-    if args.max_length is not None and args.max_length < 2:
-        parser.error("--max-length must be at least 2")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    options = decoding_options(args)
     from features.encoders import EncoderError
-    from features.images import load_image
+    from features.images import set_max_pixels
     from models.captioner import Captioner
     from models.rundir import RunDirError
 
+    set_max_pixels(args.max_pixels)
     with clean_errors(RunDirError, EncoderError):
         captioner = Captioner.load(args.model, args.encoder_weights)
         classifier = None
         if args.classifier:  # loaded before any captioning, so a bad run directory fails at once
-            from models.classifier import classify_files, load_classifier_run
+            from classifier.model import load_classifier_run
 
             classifier = load_classifier_run(args.classifier)
-        captions, errors = captioner.caption_files(
-            args.images,
-            args.beam,
-            args.max_length,
-            args.length_penalty,
-            attention=args.attention_map is not None,
-            no_repeat_ngram=args.no_repeat_ngram,
-        )
+        captions, errors = captioner.caption_files(args.images, options, attention=args.attention_map is not None)
         if args.attention_map:
-            from models.attention import draw_attention_map
-
-            for caption in captions:
-                out = args.attention_map
-                if len(args.images) > 1:
-                    out = out.with_name(f"{out.stem}_{Path(caption.image).stem}{out.suffix or '.png'}")
-                draw_attention_map(
-                    load_image(caption.image, captioner.spec.input_size),
-                    caption.caption.split(),
-                    caption.attention,
-                    out,
-                )
-        classes = {}
-        if classifier is not None and captions:
-            labelled, _ = classify_files(classifier, [c.image for c in captions], flip=args.classifier_flip)
-            classes = {c.image: c for c in labelled}
+            draw_attention_maps(captioner, captions, args.attention_map, several=len(args.images) > 1)
+        classes = classify(classifier, captions, args.classifier_flip) if classifier is not None else {}
     for reason in errors.values():
         print(f"error: {reason}", file=sys.stderr)
     if args.json:
-        results = [c.to_dict() for c in captions]
-        for result in results:
-            if result["image"] in classes:
-                label = classes[result["image"]]
-                result.update({"class": label.label, "probability": round(label.probability, 4)})
-        print(
-            json.dumps(
-                {
-                    "model": captioner.name,
-                    "beam": args.beam,
-                    "results": results,
-                    "errors": [{"image": p, "error": r} for p, r in errors.items()],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(json_report(captioner.name, options, captions, classes, errors), indent=2))
     else:
         for caption in captions:
             label = classes.get(caption.image)
             suffix = f" | {label.label} ({label.probability:.2f})" if label else ""
             print((f"{caption.image}: {caption.caption}" if len(args.images) > 1 else caption.caption) + suffix)
     return 1 if errors else 0
+
+
+def draw_attention_maps(captioner, captions: list, out: Path, several: bool) -> None:
+    """Draw each caption's attention maps to `out` (one PNG per image, named OUT_<image>.png, if `several`)."""
+    from features.images import load_image
+    from models.attention import draw_attention_map
+
+    for caption in captions:
+        path = out.with_name(f"{out.stem}_{Path(caption.image).stem}{out.suffix or '.png'}") if several else out
+        pixels = load_image(caption.image, captioner.spec.input_size)
+        draw_attention_map(pixels, caption.caption.split(), caption.attention, path)
+
+
+def classify(classifier, captions: list, flip: bool) -> dict:
+    """Return {image: its classification} for the captioned images."""
+    from classifier.model import classify_files
+
+    if not captions:
+        return {}
+    labelled, _ = classify_files(classifier, [c.image for c in captions], flip=flip)
+    return {c.image: c for c in labelled}
+
+
+def json_report(model: str, options, captions: list, classes: dict, errors: dict[str, str]) -> dict:
+    """Return infer.py --json's document: the model, the decoding settings, one result per image, errors."""
+    results = [c.to_dict() for c in captions]
+    for result in results:
+        if result["image"] in classes:
+            label = classes[result["image"]]
+            result.update({"class": label.label, "probability": round(label.probability, 4)})
+    return {
+        "model": model,
+        "beam": options.beam,
+        "decoding": options.to_dict(),
+        "results": results,
+        "errors": [{"image": p, "error": r} for p, r in errors.items()],
+    }
 
 
 if __name__ == "__main__":

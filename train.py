@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--features", type=Path, default=DEFAULT_FEATURES, help="feature store from extract_features.py"
     )
     parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder with captions and splits"
+        "--data", type=Path, default=DEFAULT_DATA, help="caption dataset (a Flickr8k folder) with its splits"
     )
     parser.add_argument("--out", type=Path, default=Path("runs") / "merge", help="run directory to write")
     parser.add_argument("--epochs", type=int, default=20)
@@ -35,12 +35,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    parser.add_argument(
-        "--decoder",
-        default="merge",
-        help="merge (image added after the RNN), inject (image as the RNN's initial state) or "
-        "attention (soft attention over the spatial maps of extract_features.py --spatial)",
-    )
+    add_model_arguments(parser)
+    add_self_critical_arguments(parser)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoder and its hyper-parameters; --decoder's choices come from the decoder registry."""
+    from models.decoders import decoder_help, decoder_names
+
+    parser.add_argument("--decoder", default="merge", choices=decoder_names(), help=decoder_help())
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--embedding-dim", type=int, help="word vector size (default 256, or that of --embeddings)")
@@ -54,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="weight of the doubly stochastic attention penalty (attention decoder)",
     )
     parser.add_argument("--limit-train", type=int, help="use only the first N train images (quick comparisons)")
+
+
+def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
     critical = parser.add_argument_group(
         "self-critical training",
         "fine-tune a trained run on CIDEr-D (Rennie et al. 2017): sample captions, reward each with its CIDEr-D "
@@ -69,7 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="reward CIDEr-D + this weight * METEOR (default 0: CIDEr-D alone); METEOR runs in Java",
     )
-    args = parser.parse_args(argv)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible values with argparse's one-line error."""
     for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -83,7 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--meteor-weight must not be negative")
     if args.samples < 2:
         parser.error("--samples must be at least 2 (each sample's baseline is the mean of the others)")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.rundir import RunDirError
     from models.training import TrainingError, TrainingOptions, train_caption_model
     from pipeline.captions import CaptionFileError
+    from pipeline.datasets import open_dataset
     from pipeline.embeddings import WordVectorError
     from pipeline.vocabulary import VocabularyError
 
@@ -119,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.self_critical is not None:
         return self_critical(args, errors)
     with clean_errors(*errors):
-        result = train_caption_model(args.features, args.data, args.out, options, model_options, args.resume)
+        dataset = open_dataset(args.data)
+        result = train_caption_model(args.features, dataset, args.out, options, model_options, args.resume)
     print(
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
         f"best dev loss {result.best_val_loss:.4f}"
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def self_critical(args: argparse.Namespace, errors: tuple) -> int:
     from models.self_critical import SelfCriticalOptions, self_critical_train
+    from pipeline.datasets import open_dataset
 
     options = SelfCriticalOptions(
         epochs=args.epochs,
@@ -143,7 +157,8 @@ def self_critical(args: argparse.Namespace, errors: tuple) -> int:
         meteor_weight=args.meteor_weight,
     )
     with clean_errors(*errors):
-        result = self_critical_train(args.self_critical, args.features, args.data, args.out, options, args.resume)
+        dataset = open_dataset(args.data)
+        result = self_critical_train(args.self_critical, args.features, dataset, args.out, options, args.resume)
     print(
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev "
         f"{result.criterion} {result.start_dev_score:.4f} at the start, best {result.best_dev_score:.4f} "

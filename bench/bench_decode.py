@@ -2,7 +2,7 @@
 
     nice -n 10 python bench/bench_decode.py [--model RUN_DIR] [--images 50] [--beam-images 10]
 
-Fast path: `models.decoding.greedy_decode` and `beam_search` (beam 3) over the run's `MergeStepper`,
+Fast path: `models.search.greedy_decode` and `beam_search` (beam 3) over the run's `MergeStepper`,
 which feeds one token per step and carries the LSTM state, batched over images and beams; timed both
 batched over all images at once and one image at a time. Naive path, as tutorials write it: for
 each image, call `model.predict` on the whole padded prefix to get every next word (greedy), or on
@@ -37,7 +37,6 @@ import keras  # noqa: E402
 from bench.common import Report, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from models.captioner import make_stepper  # noqa: E402
-from models.decoding import beam_search, greedy_decode  # noqa: E402
 from models.rundir import (  # noqa: E402
     CONFIG_FILE,
     DEFAULT_RUN,
@@ -47,7 +46,8 @@ from models.rundir import (  # noqa: E402
     load_run,
     load_runs,
 )
-from pipeline.captions import load_split  # noqa: E402
+from models.search import DecodingOptions, SpecialTokens, beam_search, greedy_decode  # noqa: E402
+from pipeline.datasets import open_dataset  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 TRAINING_RUN = ROOT / "runs" / "merge_b64"
@@ -146,15 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     start_id, end_id = vocabulary.start_id, vocabulary.end_id
     store_path = args.features or ROOT / run.config["features"]
     store = FeatureStore.load(store_path)
-    dev_ids = [i for i in load_split(args.data, "dev") if i in store.features][: args.images]
+    dev_ids = [i for i in open_dataset(args.data).split_ids("dev") if i in store.features][: args.images]
     features = store.matrix(dev_ids)
     stepper = make_stepper(run)
 
+    special = SpecialTokens.of(vocabulary)
+    options = DecodingOptions(beam=BEAM, max_length=max_length, length_penalty=0.0)  # as the naive beam ranks
+
     def fast_greedy(batch):
-        return greedy_decode(stepper, batch, max_length, start_id, end_id)
+        return greedy_decode(stepper, batch, max_length, special)
 
     def fast_beam(batch):
-        return [h[0].tokens for h in beam_search(stepper, batch, BEAM, max_length, start_id=start_id, end_id=end_id)]
+        return [h[0].tokens for h in beam_search(stepper, batch, options, special)]
 
     # Warm-up: trace the step function for a batch of all images, of one image, and of their beams.
     for decode in (fast_greedy, fast_beam):
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "Decoding latency: carried-state stepper vs per-token `model.predict`",
         f"Captions for the first {n} Flickr8k dev images, from their stored efficientnet_lite0 features "
         f"(`{os.path.relpath(store_path, ROOT)}`), with the merge model {model_label} (vocabulary {len(vocabulary)}, "
-        f"max caption length {max_length}). **Project**: `models.decoding.greedy_decode` / `beam_search` "
+        f"max caption length {max_length}). **Project**: `models.search.greedy_decode` / `beam_search` "
         "(beam 3, no length penalty) over `MergeStepper`, which carries the LSTM state and feeds one token "
         "per step, batched over images and beams; timed batched over all images (mean of a run before and "
         "one after the naive loops) and one image at a time. **Naive**: per image, `model.predict` on the "

@@ -29,13 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import Report, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
-from models.captioner import DEFAULT_LENGTH_PENALTY, make_stepper  # noqa: E402
-from models.decoding import EnsembleStepper, beam_search  # noqa: E402
+from models.captioner import make_stepper  # noqa: E402
+from models.decoding import EnsembleStepper  # noqa: E402
 from models.rundir import DEFAULT_RUN, load_runs  # noqa: E402
-from pipeline.captions import load_split  # noqa: E402
+from models.search import DecodingOptions, SpecialTokens, beam_search  # noqa: E402
+from pipeline.datasets import open_dataset  # noqa: E402
+from pipeline.vocabulary import Vocabulary  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 DEFAULT_STORE = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
+TOKENS = SpecialTokens.of(Vocabulary)
 BEAM, CHUNK = 3, 500  # images decoded together, as evaluate.py does
 
 
@@ -69,11 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def decode(stepper, features: np.ndarray, max_length: int) -> list[list[int]]:
-    best = []
+    options, best = DecodingOptions(beam=BEAM, max_length=max_length), []
     for start in range(0, len(features), CHUNK):
-        for hypotheses in beam_search(
-            stepper, features[start : start + CHUNK], BEAM, max_length, length_penalty=DEFAULT_LENGTH_PENALTY
-        ):
+        for hypotheses in beam_search(stepper, features[start : start + CHUNK], options, TOKENS):
             best.append(hypotheses[0].tokens)
     return best
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) < 2:
         print(f"error: {args.model} is a single run; pass an ensemble directory", file=sys.stderr)
         return 1
-    ids = [i for i in load_split(args.data, "dev")][: args.images]
+    ids = [i for i in open_dataset(args.data).split_ids("dev")][: args.images]
     features = FeatureStore.load(args.features).matrix(ids)
     max_length = max(run.model_config.max_caption_length for run in runs)
     members = [make_stepper(run) for run in runs]
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["decoder", "median s", "each repeat, s", "ms per image"], rows)
     page = Report(
         "Ensemble decoding: one traced step over all members vs stepping members apart",
-        f"Beam search (beam {BEAM}, length penalty {DEFAULT_LENGTH_PENALTY}, {CHUNK} images per batch) over "
+        f"Beam search (beam {BEAM}, length penalty {DecodingOptions().length_penalty}, {CHUNK} images per batch) over "
         f"the first {len(ids)} Flickr8k dev images' stored features (`{os.path.relpath(args.features, ROOT)}`), "
         f"with `{os.path.relpath(args.model, ROOT)}` ({len(runs)} members). The three decoders were timed "
         f"interleaved, {args.repeats} times each; step functions traced before timing.",

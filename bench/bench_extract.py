@@ -36,7 +36,7 @@ from features.encoders import ENCODERS, build_encoder, get_encoder_spec  # noqa:
 from features.extract import extract_features  # noqa: E402
 from features.images import load_image  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
-from pipeline.captions import image_sources  # noqa: E402
+from pipeline.datasets import image_sources  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 # vgg16 is ~40x the work of efficientnet_lite0 per image: fewer images keep the run short.

@@ -36,6 +36,7 @@ from models.config import CaptionModelConfig  # noqa: E402
 from models.merge import build_merge_model  # noqa: E402
 from models.training import caption_sequence, compile_caption_model, prepare_caption_data  # noqa: E402
 from pipeline.batches import CaptionSequence  # noqa: E402
+from pipeline.datasets import open_dataset  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keras.utils.set_random_seed(0)
     store = FeatureStore.load(args.features)
-    data = prepare_caption_data(store, args.data, min_count=5)
+    data = prepare_caption_data(store, open_dataset(args.data), min_count=5)
     config = CaptionModelConfig(
         vocab_size=len(data.vocabulary), max_caption_length=data.max_caption_length, feature_dim=store.dim
     )

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402  (after the path set-up, as a script)
 
+from classifier.training import ClassifierTrainingOptions, train_classifier  # noqa: E402
 from features.store import atomic_write_bytes  # noqa: E402
-from models.classifier_training import ClassifierTrainingOptions, train_classifier  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flowers" / "train"
 RUNS = ROOT / "runs" / "classifier" / "variants"

@@ -31,10 +31,11 @@ from models.training import (  # noqa: E402
     open_spatial_maps,
     prepare_caption_data,
 )
+from pipeline.datasets import open_dataset  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
-DECODERS = ("merge", "inject", "attention")
+DECODERS = ("merge", "inject", "attention")  # the built-in decoders of models.decoders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     keras.utils.set_random_seed(0)
     store = FeatureStore.load(args.features)
     regions = open_spatial_maps(store, args.features)
-    data = prepare_caption_data(store, args.data, min_count=5, regions=regions)
+    data = prepare_caption_data(store, open_dataset(args.data), min_count=5, regions=regions)
     models, batches = {}, {}
     for decoder in DECODERS:
         config = CaptionModelConfig(len(data.vocabulary), data.max_caption_length, store.dim, decoder=decoder,

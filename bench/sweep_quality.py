@@ -35,22 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cli import clean_errors
     from features.encoders import EncoderError
+    from features.store import FeatureStoreError
     from models.captioner import Captioner
     from models.evaluation import evaluate_captions
     from models.rundir import RunDirError
+    from models.search import DecodingOptions
     from pipeline.captions import CaptionFileError
     from pipeline.metrics import MetricsError
 
     rows, counts = [], None
-    with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError):
+    with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError, FeatureStoreError):
         for run_dir in args.model:
             captioner = Captioner.load(run_dir)
             for beam in args.beams:
                 # The length penalty only reorders finished beams: with one beam it changes nothing.
                 for penalty in args.length_penalties if beam > 1 else [0.0]:
-                    report = evaluate_captions(
-                        captioner, args.data, args.split, beam, args.limit, args.features, penalty
-                    )
+                    options = DecodingOptions(beam=beam, length_penalty=penalty)
+                    report = evaluate_captions(captioner, args.data, args.split, options, args.limit, args.features)
                     counts = report.counts
                     words = sum(len(c.split()) for c in report.captions.values()) / max(len(report.captions), 1)
                     row = [

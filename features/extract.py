@@ -143,41 +143,18 @@ def extract_features(
     """Encode every image in `sources` ({image_id: path}) not yet in the store at `out`.
 
     `augment(image_id, pixels)`, if given, transforms each decoded image before encoding (training-time
-    variants named in the id, see `features.augment`).
+    variants named in the id, such as the classifier's augmentations).
     """
     out = Path(out)
     spec = get_encoder_spec(encoder)
-    metadata = {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial}
-    if out.exists():
-        store = FeatureStore.load(out)
-        for key in ("encoder", "weights", "dim", "spatial"):
-            if store.metadata.get(key) != metadata[key]:
-                raise FeatureStoreError(
-                    f"{out}: existing store has {key}={store.metadata.get(key)!r}, this run {metadata[key]!r}; "
-                    "choose another --out to keep both"
-                )
-    else:
-        store = FeatureStore(metadata)
+    store = open_store(out, {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial})
     report = ExtractionReport(out)
     todo = [(image_id, Path(path)) for image_id, path in sorted(sources.items()) if image_id not in store.features]
     report.already_present = len(sources) - len(todo)
-    shard_folder = out.with_name(out.stem + ".spatial.parts")
     if not todo:
         return report
-
     model = build_encoder(encoder, weights, spatial=spatial)
-    pending_ids: list[str] = []
-    pending_maps: list[np.ndarray] = []
-
-    def flush() -> None:
-        if not pending_ids:
-            return
-        if spatial:
-            write_spatial_shard(shard_folder / f"part-{time.time_ns()}.h5", pending_ids, np.concatenate(pending_maps))
-        store.save(out)
-        pending_ids.clear()
-        pending_maps.clear()
-
+    writer = _StoreWriter(store, out, spatial, flush_every)
     started = time.perf_counter()
     batches = encoded_batches(
         model, spec, todo, batch_size, workers or os.cpu_count() or 2, report, progress, f"extract {encoder}", augment
@@ -185,18 +162,55 @@ def extract_features(
     try:
         with closing(batches):
             for ids, outputs in batches:
-                for image_id, vector in zip(ids, outputs[0].astype(np.float32), strict=True):
-                    store.features[image_id] = vector
-                    pending_ids.append(image_id)
-                if spatial:
-                    pending_maps.append(outputs[1].astype(np.float16))
-                if len(pending_ids) >= flush_every:
-                    flush()
+                writer.add(ids, outputs)
     except KeyboardInterrupt:
-        flush()  # keep the finished work; the caller reports the interruption
+        writer.flush()  # keep the finished work; the caller reports the interruption
         raise
-    flush()
+    writer.flush()
     report.seconds = time.perf_counter() - started
     if spatial:
-        merge_spatial_shards(spatial_path(out), shard_folder, set(store.features))
+        merge_spatial_shards(spatial_path(out), writer.shard_folder, set(store.features))
     return report
+
+
+def open_store(out: Path, metadata: dict) -> FeatureStore:
+    """Return the store at `out` to add to (refused if another encoder made it), or a new one."""
+    if not out.exists():
+        return FeatureStore(metadata)
+    store = FeatureStore.load(out)
+    for key in ("encoder", "weights", "dim", "spatial"):
+        if store.metadata.get(key) != metadata[key]:
+            raise FeatureStoreError(
+                f"{out}: existing store has {key}={store.metadata.get(key)!r}, this run {metadata[key]!r}; "
+                "choose another --out to keep both"
+            )
+    return store
+
+
+class _StoreWriter:
+    """Adds encoded batches to a store and saves it (and a spatial-map shard) every `flush_every` images."""
+
+    def __init__(self, store: FeatureStore, out: Path, spatial: bool, flush_every: int):
+        self.store, self.out, self.spatial, self.flush_every = store, out, spatial, flush_every
+        self.shard_folder = out.with_name(out.stem + ".spatial.parts")
+        self.pending_ids: list[str] = []
+        self.pending_maps: list[np.ndarray] = []
+
+    def add(self, ids: list[str], outputs: list[np.ndarray]) -> None:
+        for image_id, vector in zip(ids, outputs[0].astype(np.float32), strict=True):
+            self.store.features[image_id] = vector
+            self.pending_ids.append(image_id)
+        if self.spatial:
+            self.pending_maps.append(outputs[1].astype(np.float16))
+        if len(self.pending_ids) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_ids:
+            return
+        if self.spatial:
+            shard = self.shard_folder / f"part-{time.time_ns()}.h5"
+            write_spatial_shard(shard, self.pending_ids, np.concatenate(self.pending_maps))
+        self.store.save(self.out)
+        self.pending_ids.clear()
+        self.pending_maps.clear()

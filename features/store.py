@@ -71,8 +71,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def read_versioned_json(path: Path, format_name: str, version: int, what: str, error: type[Exception]) -> dict:
-    """Return the JSON object in `path` after checking its "format" and "version" fields.
+def read_versioned_json(
+    path: Path, format_name: str, version: int | tuple[int, ...], what: str, error: type[Exception]
+) -> dict:
+    """Return the JSON object in `path` after checking its "format" and "version" (one, or any of several).
 
     A missing file raises FileNotFoundError (callers word that case themselves); anything else wrong
     raises `error` naming the file and, through `what`, the kind of file expected.
@@ -83,8 +85,10 @@ def read_versioned_json(path: Path, format_name: str, version: int, what: str, e
         raise error(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != format_name:
         raise error(f"{path}: not a {what}")
-    if payload.get("version") != version:
-        raise error(f"{path}: {what} format version {payload.get('version')}, expected {version}")
+    versions = version if isinstance(version, tuple) else (version,)
+    if payload.get("version") not in versions:
+        expected = " or ".join(str(v) for v in versions)
+        raise error(f"{path}: {what} format version {payload.get('version')}, expected {expected}")
     return payload
 
 

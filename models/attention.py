@@ -24,6 +24,7 @@ from keras import layers
 
 from features.store import atomic_write_bytes
 from models.config import CaptionModelConfig
+from models.decoders import Decoder, register_decoder
 from models.decoding import Stepper
 from models.inject import initial_state, initial_state_layers
 from models.merge import embedding_layer
@@ -180,7 +181,7 @@ class AttentionStepper(Stepper):
         log_probs, state, weights = self._step(tf.convert_to_tensor(tokens, tf.int32), state)
         return log_probs.numpy(), state, weights.numpy()
 
-    def attention_weights(self, features: np.ndarray, captions: list[list[int]], start_id: int = 2) -> list[np.ndarray]:
+    def attention_weights(self, features: np.ndarray, captions: list[list[int]], start_id: int) -> list[np.ndarray]:
         """Return, per caption, the weights (len(caption), L) the model used to generate each of its tokens.
 
         The caption is fed back one token at a time (teacher forcing on the model's own output), so the
@@ -230,3 +231,14 @@ def draw_attention_map(
     figure.savefig(png, format="png", dpi=80)
     plt.close(figure)
     atomic_write_bytes(Path(path), png.getvalue())
+
+
+register_decoder(
+    Decoder(
+        "attention",
+        build_attention_model,
+        AttentionStepper,
+        reads_regions=True,
+        summary="soft attention over the spatial maps of extract_features.py --spatial",
+    )
+)

@@ -9,16 +9,12 @@ import numpy as np
 
 from features.encoders import build_encoder, get_encoder_spec
 from features.images import ImageDecodeError, load_image
-from models.attention import AttentionStepper
-from models.decoding import EnsembleStepper, Hypothesis, MergeStepper, PooledStepper, beam_search
-from models.inject import InjectStepper
+from models.decoders import get_decoder
+from models.decoding import EnsembleStepper, PooledStepper
 from models.rundir import CaptionRun, RunDirError, load_runs
+from models.search import DecodingOptions, Hypothesis, SpecialTokens, beam_search
 
 ENCODE_BATCH = 32
-
-
-# Beams are ranked by log P / length**0.5: on the Flickr8k dev split this scored best (BENCHMARKS.md).
-DEFAULT_LENGTH_PENALTY = 0.5
 
 
 @dataclass
@@ -39,11 +35,7 @@ class Caption:
 
 def make_stepper(run: CaptionRun):
     """Return the one-token step function for the run's decoder."""
-    steppers = {"merge": MergeStepper, "inject": InjectStepper, "attention": AttentionStepper}
-    decoder = run.model_config.decoder
-    if decoder not in steppers:
-        raise RunDirError(f"{run.path}: decoder {decoder!r} is not known to this version")
-    return steppers[decoder](run.model)
+    return get_decoder(run.model_config.decoder).stepper(run.model)
 
 
 class Captioner:
@@ -53,12 +45,18 @@ class Captioner:
     model whose next-word distribution is the mean of theirs (`EnsembleStepper`).
     """
 
-    def __init__(self, runs: CaptionRun | list[CaptionRun], encoder_weights: str | Path | None = None):
+    def __init__(
+        self,
+        runs: CaptionRun | list[CaptionRun],
+        encoder_weights: str | Path | None = None,
+        name: str | None = None,
+    ):
         self.runs = [runs] if isinstance(runs, CaptionRun) else list(runs)
         if not self.runs:
             raise RunDirError("no caption run to load")
         run = self.run = self.runs[0]
         self.vocabulary = run.vocabulary
+        self.tokens = SpecialTokens.of(run.vocabulary)
         encoder = run.config["encoder"]
         try:
             self.spec = get_encoder_spec(encoder)
@@ -78,15 +76,15 @@ class Captioner:
         ]
         self.stepper = steppers[0] if len(steppers) == 1 else EnsembleStepper(steppers)
         self.max_caption_length = max(member.model_config.max_caption_length for member in self.runs)
-        self.name = " + ".join(str(member.path) for member in self.runs)  # what was loaded, for reports
+        # what was loaded, for reports: the paths asked for (an ensemble directory is one name)
+        self.name = name or " + ".join(str(member.path) for member in self.runs)
 
     @classmethod
     def load(cls, paths: str | Path | list[str | Path], encoder_weights: str | Path | None = None) -> Captioner:
         """Return the captioner of a run directory, an ensemble directory, or several of them together."""
         paths = [paths] if isinstance(paths, str | Path) else list(paths)
-        captioner = cls([run for path in paths for run in load_runs(path)], encoder_weights)
-        captioner.name = " + ".join(str(path) for path in paths)
-        return captioner
+        runs = [run for path in paths for run in load_runs(path)]
+        return cls(runs, encoder_weights, name=" + ".join(str(path) for path in paths))
 
     def _check_member(self, member: CaptionRun) -> None:
         first, config = self.run, member.model_config
@@ -147,37 +145,37 @@ class Captioner:
             out.append(np.asarray(features)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
 
-    def decode(
-        self,
-        features: np.ndarray,
-        beam: int = 3,
-        max_length: int | None = None,
-        length_penalty: float = DEFAULT_LENGTH_PENALTY,
-        no_repeat_ngram: int = 0,
-    ) -> list[list[Hypothesis]]:
-        """Return the beam hypotheses for each feature vector."""
-        max_length = max_length or self.max_caption_length
-        return beam_search(
-            self.stepper,
-            features,
-            beam_size=beam,
-            max_length=max_length,
-            length_penalty=length_penalty,
-            no_repeat_ngram=no_repeat_ngram,
-        )
+    def decode(self, features: np.ndarray, options: DecodingOptions | None = None) -> list[list[Hypothesis]]:
+        """Return the beam hypotheses for each image's features (default options: `DecodingOptions()`)."""
+        options = (options or DecodingOptions()).with_max_length(self.max_caption_length)
+        return beam_search(self.stepper, features, options, self.tokens)
 
     def caption_features(
         self,
         names: list[str],
         features: np.ndarray,
-        beam: int = 3,
-        max_length: int | None = None,
-        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        options: DecodingOptions | None = None,
         attention: bool = False,
-        no_repeat_ngram: int = 0,
     ) -> list[Caption]:
         """Return the captions of precomputed features; with `attention`, each word's attention weights."""
-        if attention and not isinstance(self.stepper, AttentionStepper):
+        if attention:
+            self._check_attention()
+        decoded = self.decode(features, options)
+        results = []
+        for name, hypotheses in zip(names, decoded, strict=True):
+            beams = [(" ".join(self.vocabulary.decode(h.tokens)), h.log_prob) for h in hypotheses]
+            results.append(Caption(name, beams[0][0], beams))
+        if attention:
+            best = [hypotheses[0].tokens for hypotheses in decoded]
+            height, width = self.spec.spatial_shape[:2]
+            weights = self.stepper.attention_weights(features, best, self.tokens.start)
+            for result, image_weights in zip(results, weights, strict=True):
+                words = len(result.caption.split())  # the weights of <end> are left out
+                result.attention = image_weights[:words].reshape(words, height, width)
+        return results
+
+    def _check_attention(self) -> None:
+        if not hasattr(self.stepper, "attention_weights"):
             what = (
                 f"the {self.run.model_config.decoder} decoder has"
                 if len(self.runs) == 1
@@ -186,27 +184,9 @@ class Captioner:
             raise RunDirError(
                 f"{self.run.path}: {what} no attention weights to show; use a single run trained with --decoder attention"
             )
-        results = []
-        decoded = self.decode(features, beam, max_length, length_penalty, no_repeat_ngram)
-        for name, hypotheses in zip(names, decoded, strict=True):
-            beams = [(" ".join(self.vocabulary.decode(h.tokens)), h.log_prob) for h in hypotheses]
-            results.append(Caption(name, beams[0][0], beams))
-        if attention:
-            best = [hypotheses[0].tokens for hypotheses in decoded]
-            height, width = self.spec.spatial_shape[:2]
-            for result, weights in zip(results, self.stepper.attention_weights(features, best), strict=True):
-                words = len(result.caption.split())  # the weights of <end> are left out
-                result.attention = weights[:words].reshape(words, height, width)
-        return results
 
     def caption_files(
-        self,
-        paths: list[str | Path],
-        beam: int = 3,
-        max_length: int | None = None,
-        length_penalty: float = DEFAULT_LENGTH_PENALTY,
-        attention: bool = False,
-        no_repeat_ngram: int = 0,
+        self, paths: list[str | Path], options: DecodingOptions | None = None, attention: bool = False
     ) -> tuple[list[Caption], dict[str, str]]:
         """Return (captions of the readable images, {path: reason} for the unreadable ones)."""
         pixels, names, errors = [], [], {}
@@ -218,6 +198,4 @@ class Captioner:
                 errors[str(path)] = str(error)
         if not pixels:
             return [], errors
-        features = self.encode(np.stack(pixels))
-        captions = self.caption_features(names, features, beam, max_length, length_penalty, attention, no_repeat_ngram)
-        return captions, errors
+        return self.caption_features(names, self.encode(np.stack(pixels)), options, attention), errors

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-REGION_DECODERS = {"attention"}  # decoders that read spatial maps (H, W, C) instead of one pooled vector
-
 
 @dataclass
 class CaptionModelConfig:
     vocab_size: int
     max_caption_length: int  # tokens including <start> and <end>, derived from the train split
     feature_dim: int
-    decoder: str = "merge"  # merge | inject | attention
+    decoder: str = "merge"  # a name in the decoder registry (models.decoders): merge | inject | attention
     embedding_dim: int = 256
     units: int = 256
     dropout: float = 0.5
@@ -26,7 +24,9 @@ class CaptionModelConfig:
     @property
     def reads_regions(self) -> bool:
         """True when the decoder reads spatial maps (H, W, C) instead of one pooled vector per image."""
-        return self.decoder in REGION_DECODERS
+        from models.decoders import get_decoder
+
+        return get_decoder(self.decoder).reads_regions
 
     def to_dict(self) -> dict:
         return asdict(self)

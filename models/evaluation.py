@@ -12,9 +12,10 @@ import numpy as np
 from features.extract import decoded_batches
 from features.images import ImageDecodeError, load_image
 from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
-from models.captioner import DEFAULT_LENGTH_PENALTY, Captioner
+from models.captioner import Captioner
 from models.rundir import write_json
-from pipeline.captions import load_captions, load_split
+from models.search import DecodingOptions
+from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.metrics import coco_scores, nltk_corpus_bleu
 
 DECODE_CHUNK = 500  # images decoded together in one beam search
@@ -23,22 +24,18 @@ DECODE_CHUNK = 500  # images decoded together in one beam search
 @dataclass
 class EvaluationReport:
     split: str
-    beam: int
-    length_penalty: float
+    decoding: DecodingOptions
     metrics: dict[str, float]
     secondary: dict[str, float]
     counts: dict[str, int]
     captions: dict[str, str]  # image id -> generated caption
     references: dict[str, list[str]] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
-    no_repeat_ngram: int = 0
 
     def to_dict(self, run_config: dict) -> dict:
         return {
             "split": self.split,
-            "beam": self.beam,
-            "length_penalty": self.length_penalty,
-            "no_repeat_ngram": self.no_repeat_ngram,
+            **self.decoding.to_dict(),  # beam, max_length, length_penalty, no_repeat_ngram
             "metrics": self.metrics,
             "secondary_metrics": self.secondary,
             "counts": self.counts,
@@ -50,29 +47,36 @@ class EvaluationReport:
         }
 
 
-def _stored_features(captioner: Captioner, features: Path | None, ids: list[str]) -> np.ndarray | None:
-    """Return the ids' features (vectors, or spatial maps for an attention decoder) from a feature store
-    made by the run's encoder, or None."""
-    if features is None or not Path(features).is_file():
-        return None
+def stored_features(captioner: Captioner, features: str | Path, ids: list[str]) -> np.ndarray:
+    """Return the ids' features (vectors, or spatial maps for an attention decoder) from a feature store;
+    FeatureStoreError when the store cannot serve them (missing, unsafe, another encoder, ids absent)."""
+    store = FeatureStore.load(features)  # a missing, unreadable or unsafe file raises here
+    weights = store.metadata.get("weights")
+    if store.encoder != captioner.spec.name or weights != captioner.encoder_weights:
+        raise FeatureStoreError(
+            f"{features}: features of {store.encoder} ({weights}), but the model reads {captioner.spec.name} "
+            f"({captioner.encoder_weights}); leave --features out to encode the images"
+        )
+    missing = [i for i in ids if i not in store.features]
+    if not captioner.reads_regions:
+        if missing:
+            raise FeatureStoreError(_missing_message(features, missing, len(ids)))
+        return store.matrix(ids)
+    maps = SpatialMaps(spatial_path(features))
     try:
-        store = FeatureStore.load(features)
-    except FeatureStoreError:
-        return None
-    if store.encoder != captioner.spec.name or store.metadata.get("weights") != captioner.encoder_weights:
-        return None
-    if not all(i in store.features for i in ids):
-        return None
-    if captioner.reads_regions:
-        try:
-            maps = SpatialMaps(spatial_path(features))
-        except FeatureStoreError:
-            return None
-        try:
-            return maps.get(ids) if all(i in maps.index for i in ids) else None
-        finally:
-            maps.close()
-    return store.matrix(ids)
+        missing = [i for i in ids if i not in maps.index]
+        if missing:
+            raise FeatureStoreError(_missing_message(maps.path, missing, len(ids)))
+        return maps.get(ids)
+    finally:
+        maps.close()
+
+
+def _missing_message(path, missing: list[str], wanted: int) -> str:
+    return (
+        f"{path}: {len(missing)} of the {wanted} images to caption have no stored features (e.g. {missing[0]}); "
+        "extract them with extract_features.py or leave --features out to encode the images"
+    )
 
 
 def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -89,60 +93,45 @@ def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -
 
 def evaluate_captions(
     captioner: Captioner,
-    data_dir: str | Path,
+    dataset: CaptionDataset | str | Path,
     split: str = "dev",
-    beam: int = 3,
+    decoding: DecodingOptions | None = None,
     limit: int | None = None,
     features: str | Path | None = None,
-    length_penalty: float = DEFAULT_LENGTH_PENALTY,
-    no_repeat_ngram: int = 0,
 ) -> EvaluationReport:
-    """Caption every image of `split` that is on disk and score it against all its references."""
-    started = time.perf_counter()
-    data_dir = Path(data_dir)
-    captions = load_captions(data_dir)
-    split_ids = load_split(data_dir, split)
+    """Caption every image of `split` that is on disk and score it against all its references.
+
+    With `features`, the images' features come from that store (which must hold all of them, made by
+    the run's encoder); otherwise the images are encoded.
+    """
+    started, decoding = time.perf_counter(), decoding or DecodingOptions()
+    dataset = as_dataset(dataset)
+    captions = dataset.captions()
+    split_ids = dataset.split_ids(split)
     with_refs = [i for i in split_ids if i in captions]
-    on_disk = [i for i in with_refs if (data_dir / "Images" / i).is_file()]
-    if limit:
-        on_disk = on_disk[:limit]
+    present = [i for i in with_refs if dataset.image_path(i).is_file()]
+    on_disk = present[:limit] if limit else present
     counts = {
         "split_images": len(split_ids),
         "no_captions": len(split_ids) - len(with_refs),
-        "missing_on_disk": sum(not (data_dir / "Images" / i).is_file() for i in with_refs),
+        "missing_on_disk": len(with_refs) - len(present),
     }
-    matrix = _stored_features(captioner, Path(features) if features else None, on_disk)
-    ids = on_disk
-    if matrix is None:
-        matrix, ids = _encoded_features(captioner, [data_dir / "Images" / i for i in on_disk], on_disk)
+    if features is not None:
+        ids, matrix = on_disk, stored_features(captioner, features, on_disk)
+    else:
+        matrix, ids = _encoded_features(captioner, [dataset.image_path(i) for i in on_disk], on_disk)
     counts["unreadable"] = len(on_disk) - len(ids)
     counts["captioned"] = len(ids)
     generated: dict[str, str] = {}
     for start in range(0, len(ids), DECODE_CHUNK):
         chunk = ids[start : start + DECODE_CHUNK]
-        for result in captioner.caption_features(
-            chunk,
-            matrix[start : start + DECODE_CHUNK],
-            beam,
-            length_penalty=length_penalty,
-            no_repeat_ngram=no_repeat_ngram,
-        ):
+        for result in captioner.caption_features(chunk, matrix[start : start + DECODE_CHUNK], decoding):
             generated[result.image] = result.caption
     references = {i: captions[i] for i in ids}
     metrics = coco_scores(references, generated) if generated else {}
     secondary = nltk_corpus_bleu(references, generated) if generated else {}
-    return EvaluationReport(
-        split,
-        beam,
-        length_penalty,
-        metrics,
-        secondary,
-        counts,
-        generated,
-        references,
-        time.perf_counter() - started,
-        no_repeat_ngram,
-    )
+    seconds = time.perf_counter() - started
+    return EvaluationReport(split, decoding, metrics, secondary, counts, generated, references, seconds)
 
 
 def write_report(report: EvaluationReport, run_config: dict, path: str | Path) -> None:
@@ -150,7 +139,7 @@ def write_report(report: EvaluationReport, run_config: dict, path: str | Path) -
 
 
 def draw_samples(
-    report: EvaluationReport, data_dir: str | Path, path: str | Path, count: int = 12, seed: int = 0
+    report: EvaluationReport, dataset: CaptionDataset, path: str | Path, count: int = 12, seed: int = 0
 ) -> None:
     """Draw a grid of sample images with their generated and first reference caption to a PNG."""
     import textwrap
@@ -172,13 +161,13 @@ def draw_samples(
         axis.axis("off")
     for axis, image_id in zip(axes.flat, chosen, strict=False):
         try:
-            axis.imshow(load_image(Path(data_dir) / "Images" / image_id, 224).astype(np.uint8))
+            axis.imshow(load_image(dataset.image_path(image_id), 224).astype(np.uint8))
         except ImageDecodeError:
             continue
         generated = textwrap.fill("ours: " + report.captions[image_id], 44)
         reference = textwrap.fill("ref: " + report.references[image_id][0], 44)
         axis.set_title(f"{generated}\n{reference}", fontsize=8, loc="left")
-    figure.suptitle(f"{report.split} split, beam {report.beam}", fontsize=11)
+    figure.suptitle(f"{report.split} split, beam {report.decoding.beam}", fontsize=11)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import keras
 from keras import layers
 
 from models.config import CaptionModelConfig
+from models.decoders import Decoder, register_decoder
 from models.decoding import Stepper
 from models.merge import embedding_layer, recurrent_layer
 
@@ -57,3 +58,6 @@ class InjectStepper(Stepper):
     def _step_impl(self, tokens, state):
         output, state = self.cell(self.word_vectors(tokens), list(state), training=False)
         return self.log_probabilities(output), list(state)
+
+
+register_decoder(Decoder("inject", build_inject_model, InjectStepper, summary="the image as the RNN's initial state"))

@@ -8,9 +8,12 @@ words -> Embedding(mask) -> Dropout -> RNN(return_sequences) ─┘
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from models.config import CaptionModelConfig
+from models.decoders import Decoder, register_decoder
+from models.decoding import Stepper
 
 
 def recurrent_layer(config: CaptionModelConfig, **kwargs) -> layers.Layer:
@@ -60,3 +63,26 @@ class BroadcastTime(layers.Layer):
 
     def compute_mask(self, inputs, mask=None):
         return None if mask is None else mask[1]
+
+
+class MergeStepper(Stepper):
+    """Steps of the merge model: the image vector is added to the RNN output at every step."""
+
+    def __init__(self, model: keras.Model):
+        self.image_dense = model.get_layer("image_dense")
+        self.cell = model.get_layer("rnn").cell
+        self.is_lstm = isinstance(model.get_layer("rnn"), keras.layers.LSTM)
+        super().__init__(model)
+
+    def _start_impl(self, features):
+        context = self.image_dense(features)
+        zeros = tf.zeros((tf.shape(features)[0], self.cell.units))
+        return [context, zeros, zeros] if self.is_lstm else [context, zeros]
+
+    def _step_impl(self, tokens, state):
+        context, recurrent = state[0], list(state[1:])
+        output, recurrent = self.cell(self.word_vectors(tokens), recurrent, training=False)
+        return self.log_probabilities(context + output), [context, *recurrent]
+
+
+register_decoder(Decoder("merge", build_merge_model, MergeStepper, summary="the image added after the RNN"))

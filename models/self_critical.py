@@ -15,16 +15,12 @@ and scored the same way; the best epoch is the model.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
 import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
@@ -32,22 +28,18 @@ import numpy as np
 import tensorflow as tf
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
-from features.store import FeatureStore, atomic_write_bytes
-from models.captioner import DEFAULT_LENGTH_PENALTY, make_stepper
-from models.decoding import beam_search, sample_captions
-from models.rundir import (
-    HISTORY_FILE,
-    MODEL_FILE,
-    VOCABULARY_FILE,
-    CaptionRun,
-    load_run,
-    save_model_without_optimizer,
-    write_json,
-)
-from models.training import CHECKPOINT_FILE, TrainingError, describe_device, open_spatial_maps, resume_files
+from features.store import FeatureStore
+from models.decoders import get_decoder
+from models.rundir import CaptionRun, RunDir, load_run
+from models.search import DecodingOptions, SpecialTokens, beam_search, sample_captions
+from models.training import TrainingError, describe_device, open_spatial_maps, select_train_dev
 from pipeline.batches import LENGTH_BUCKET
-from pipeline.captions import load_captions, load_split, select_split
+from pipeline.captions import SplitCaptions
+from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.metrics import stop_meteor
+from pipeline.vocabulary import Vocabulary
+
+DEV_CHUNK = 500  # dev images decoded together in one beam search
 
 
 @dataclass
@@ -58,7 +50,8 @@ class SelfCriticalOptions:
     learning_rate: float = 2e-5  # the best of 1e-5 / 2e-5 / 5e-5 on Flickr8k dev (BENCHMARKS.md)
     max_length: int = 20  # words sampled per caption at most (Flickr8k references average 11)
     patience: int = 3  # stop after this many epochs without a better dev CIDEr-D
-    beam: int = 3  # dev captions for model selection, as infer.py writes them
+    # dev captions for model selection, decoded as infer.py decodes them by default
+    dev_decoding: DecodingOptions = field(default_factory=DecodingOptions)
     seed: int = 0
     limit_train: int | None = None  # the first N train images only (quick runs, tests)
     meteor_weight: float = 0.0  # reward = CIDEr-D + meteor_weight * METEOR (0: CIDEr-D alone, no Java)
@@ -232,178 +225,232 @@ class _FeatureSource:
             self.maps.close()
 
 
-def _dev_scores(
-    stepper, source: _FeatureSource, image_ids: list[str], reward: CaptionReward, vocabulary, beam: int, max_length: int
-) -> dict[str, str]:
-    """Return the history columns of the dev split: the mean CIDEr-D of its beam-search captions (decoded
-    in chunks of 500) and, with a METEOR term, their mean METEOR and mean reward."""
-    words = []
-    for start in range(0, len(image_ids), 500):
-        chunk = image_ids[start : start + 500]
-        for hypotheses in beam_search(
-            stepper, source.get(chunk), beam, max_length=max_length, length_penalty=DEFAULT_LENGTH_PENALTY
-        ):
-            words.append(vocabulary.decode(hypotheses[0].tokens))
-    parts = reward.parts(image_ids, words)
-    scores = {"dev_cider_d": f"{parts['cider_d'].mean():.4f}"}
-    if "meteor" in parts:
-        scores.update(dev_meteor=f"{parts['meteor'].mean():.4f}", dev_reward=f"{parts['reward'].mean():.4f}")
-    return scores
+@dataclass
+class _Session:
+    """Everything the epochs of one self-critical run share."""
 
+    run: RunDir
+    decoder: str
+    model: keras.Model
+    vocabulary: Vocabulary
+    source: _FeatureSource
+    train: SplitCaptions
+    dev: SplitCaptions
+    options: SelfCriticalOptions
+    dev_decoding: DecodingOptions  # with the run's max caption length filled in
+    verbose: bool
+    train_reward: CaptionReward | None = None
+    dev_reward: CaptionReward | None = None
 
-def _history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    def __post_init__(self) -> None:
+        self.stepper = get_decoder(self.decoder).stepper(self.model)
+        self.tokens = SpecialTokens.of(self.vocabulary)
+        self.update = policy_gradient_update(self.model, self.model.optimizer)
 
+    @property
+    def criterion(self) -> str:
+        weight = self.options.meteor_weight
+        return f"CIDEr-D + {weight:g} * METEOR" if weight else "CIDEr-D"
 
-def _write_history(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buffer.getvalue().encode())
+    @property
+    def score_column(self) -> str:
+        return "dev_reward" if self.options.meteor_weight else "dev_cider_d"
+
+    def open_rewards(self) -> None:
+        self.train_reward = CaptionReward(self.train.captions, self.options.meteor_weight)
+        self.dev_reward = CaptionReward(self.dev.captions, self.options.meteor_weight)
+
+    def close(self) -> None:
+        for reward in (self.train_reward, self.dev_reward):
+            if reward is not None:
+                reward.close()
 
 
 def self_critical_train(
     init_run: str | Path,
     features: str | Path,
-    data_dir: str | Path,
+    dataset: CaptionDataset | str | Path,
     run_dir: str | Path,
     options: SelfCriticalOptions,
     resume: bool = False,
     verbose: bool = True,
 ) -> SelfCriticalResult:
     """Fine-tune `init_run`'s model on CIDEr-D and write a new run directory (resumable) to `run_dir`."""
-    run_dir = Path(run_dir)
-    checkpoint, state_file = resume_files(run_dir, resume)
+    dataset, run = as_dataset(dataset), RunDir(run_dir)
+    run.check_start(resume)
+    check_options(options)
+    keras.utils.set_random_seed(options.seed)
+    source_run = load_run(run_dir if resume else init_run)
+    source = _FeatureSource(features, source_run.model_config.reads_regions)
+    session = None
+    try:
+        train, dev = usable_splits(source, source_run, features, dataset, options)
+        model, rows = (
+            resume_state(run, source_run, options)
+            if resume
+            else start_run(run, init_run, source_run, features, train, dev, options)
+        )
+        decoding = options.dev_decoding.with_max_length(source_run.model_config.max_caption_length)
+        decoder = source_run.model_config.decoder
+        session = _Session(run, decoder, model, source_run.vocabulary, source, train, dev, options, decoding, verbose)
+        session.open_rewards()
+        started = time.perf_counter()
+        scores = run_epochs(session, rows or score_start(session))
+    finally:
+        if session is not None:
+            session.close()
+        source.close()
+    best = int(np.argmax(scores))
+    return SelfCriticalResult(
+        run.path,
+        len(scores) - 1,
+        best,
+        scores[best],
+        scores[0],
+        time.perf_counter() - started,
+        describe_device(),
+        session.criterion,
+    )
+
+
+def check_options(options: SelfCriticalOptions) -> None:
     if options.samples < 2:
         raise TrainingError(
             "self-critical training needs at least 2 samples per image (the baseline is the others' mean)"
         )
-    keras.utils.set_random_seed(options.seed)
-    source_run = load_run(run_dir if resume else init_run)
-    vocabulary, config = source_run.vocabulary, source_run.config
-    source = _FeatureSource(features, source_run.model_config.reads_regions)
-    if source.store.encoder != config["encoder"] or source.store.dim != config["feature_dim"]:
-        raise TrainingError(
-            f"{features}: features of {source.store.encoder} ({source.store.dim}-d), but {init_run} was trained "
-            f"on {config['encoder']} ({config['feature_dim']}-d)"
-        )
-    captions = load_captions(data_dir)
-    available = source.ids()
-    train = select_split(captions, load_split(data_dir, "train")[: options.limit_train], available)
-    dev = select_split(captions, load_split(data_dir, "dev"), available)
-    if not train.image_ids or not dev.image_ids:
-        raise TrainingError(f"{data_dir}: self-critical training needs train and dev images with features")
     if options.meteor_weight < 0:
         raise TrainingError("the METEOR weight must not be negative")
-    trained_weight = config.get("self_critical", {}).get("meteor_weight", 0.0)
-    if resume and trained_weight != options.meteor_weight:
-        raise TrainingError(
-            f"{run_dir} was trained with METEOR weight {trained_weight:g}; resume it with the same weight"
-        )
-    criterion = f"CIDEr-D + {options.meteor_weight:g} * METEOR" if options.meteor_weight else "CIDEr-D"
-    score_column = "dev_reward" if options.meteor_weight else "dev_cider_d"
 
-    if resume:
-        state = json.loads(state_file.read_text())
-        model = keras.saving.load_model(checkpoint)
-        rows = [r for r in _history(run_dir / HISTORY_FILE) if int(r["epoch"]) <= state["epochs_done"]]
-    else:
-        model = source_run.model
-        model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), loss="sparse_categorical_crossentropy")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(init_run) / VOCABULARY_FILE, run_dir / VOCABULARY_FILE)
-        write_json(
-            run_dir / "config.json",
-            {
-                **config,
-                "self_critical": {**asdict(options), "init_run": str(init_run), "features": str(features)},
-                "train_images": len(train.image_ids),
-                "dev_images": len(dev.image_ids),
-            },
+
+def usable_splits(
+    source: _FeatureSource, source_run: CaptionRun, features: str | Path, dataset: CaptionDataset, options
+) -> tuple[SplitCaptions, SplitCaptions]:
+    """Return the train and dev captions of images with features made by the run's encoder."""
+    config, feature_dim = source_run.config, source_run.model_config.feature_dim
+    if source.store.encoder != config["encoder"] or source.store.dim != feature_dim:
+        raise TrainingError(
+            f"{features}: features of {source.store.encoder} ({source.store.dim}-d), but {source_run.path} was "
+            f"trained on {config['encoder']} ({feature_dim}-d)"
         )
-        state, rows = {"epochs_done": 0}, []
-    optimizer = model.optimizer
-    stepper = make_stepper(CaptionRun(run_dir, model, vocabulary, config))
-    max_length = source_run.model_config.max_caption_length
-    device = describe_device()
-    update = policy_gradient_update(model, optimizer)
-    started = time.perf_counter()
-    train_reward = dev_reward = None
-    try:
-        train_reward = CaptionReward(train.captions, options.meteor_weight)
-        dev_reward = CaptionReward(dev.captions, options.meteor_weight)
-        if not rows:  # the starting point, epoch 0, so every later epoch is compared with it
-            start = _dev_scores(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
-            rows = [{"epoch": 0, "mean_reward": "", **start, "seconds": "0"}]
-            _write_history(run_dir / HISTORY_FILE, rows)
-            save_model_without_optimizer(model, run_dir / MODEL_FILE)
-            if verbose:
-                print(
-                    f"self-critical training on {device}: {len(train.image_ids)} train images; "
-                    f"dev {criterion} at start {start[score_column]}"
-                )
-        scores = [float(r[score_column]) for r in rows]
-        for epoch in range(state["epochs_done"] + 1, options.epochs + 1):
-            if len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
-                break
-            epoch_started = time.perf_counter()
-            rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run draws the same
-            order = rng.permutation(len(train.image_ids))
-            rewards_seen = []
-            for begin in range(0, len(order), options.batch_images):
-                ids = [train.image_ids[i] for i in order[begin : begin + options.batch_images]]
-                image_features = source.get(ids)
-                sampled = sample_captions(stepper, image_features, options.samples, options.max_length, rng)
-                repeated_ids = [i for i in ids for _ in range(options.samples)]
-                rewards = train_reward(repeated_ids, [vocabulary.decode(row) for row in sampled])
-                inputs, targets, mask = teacher_forcing_arrays(sampled, vocabulary.start_id, vocabulary.end_id)
-                update(
-                    {source.input_name: np.repeat(image_features, options.samples, axis=0), "words": inputs},
-                    targets,
-                    mask,
-                    leave_one_out_advantages(rewards, options.samples).astype(np.float32),
-                )
-                rewards_seen.append(rewards.mean())
-                if verbose and sys.stdout.isatty():
-                    print(
-                        f"\repoch {epoch}: {begin + len(ids)}/{len(order)} images, "
-                        f"mean reward {np.mean(rewards_seen):.4f}",
-                        end="",
-                    )
-            dev_scores = _dev_scores(stepper, source, dev.image_ids, dev_reward, vocabulary, options.beam, max_length)
-            seconds = time.perf_counter() - epoch_started
-            if float(dev_scores[score_column]) > max(scores):
-                save_model_without_optimizer(model, run_dir / MODEL_FILE)
-            scores.append(float(dev_scores[score_column]))
-            rows.append(
-                {
-                    "epoch": epoch,
-                    "mean_reward": f"{np.mean(rewards_seen):.4f}",
-                    **dev_scores,
-                    "seconds": f"{seconds:.0f}",
-                }
-            )
-            _write_history(run_dir / HISTORY_FILE, rows)
-            temporary = run_dir / f".{CHECKPOINT_FILE}.tmp.keras"
-            model.save(temporary)
-            os.replace(temporary, checkpoint)
-            write_json(state_file, {"epochs_done": epoch})
-            if verbose:
-                shown = ", ".join(f"{k.removeprefix('dev_')} {v}" for k, v in dev_scores.items())
-                print(
-                    f"\repoch {epoch}/{options.epochs}: mean train reward ({criterion} of samples) "
-                    f"{np.mean(rewards_seen):.4f}, dev (beam {options.beam}) {shown}, {seconds:.0f} s"
-                )
-    finally:
-        for reward in (train_reward, dev_reward):
-            if reward is not None:
-                reward.close()
-        source.close()
-    best = int(np.argmax(scores))
-    return SelfCriticalResult(
-        run_dir, len(scores) - 1, best, scores[best], scores[0], time.perf_counter() - started, device, criterion
+    train, dev = select_train_dev(dataset, source.ids(), options.limit_train)
+    if not train.image_ids or not dev.image_ids:
+        raise TrainingError(f"{dataset.root}: self-critical training needs train and dev images with features")
+    return train, dev
+
+
+def resume_state(run: RunDir, source_run: CaptionRun, options: SelfCriticalOptions) -> tuple[keras.Model, list]:
+    """Return the last checkpoint's model (with its optimizer) and the history up to it."""
+    trained_weight = source_run.config.get("self_critical", {}).get("meteor_weight", 0.0)
+    if trained_weight != options.meteor_weight:
+        raise TrainingError(
+            f"{run.path} was trained with METEOR weight {trained_weight:g}; resume it with the same weight"
+        )
+    epochs_done = run.epochs_done()
+    return run.load_checkpoint(), [r for r in run.read_history() if int(r["epoch"]) <= epochs_done]
+
+
+def start_run(
+    run: RunDir, init_run, source_run: CaptionRun, features, train: SplitCaptions, dev: SplitCaptions, options
+) -> tuple[keras.Model, list]:
+    """Return the starting run's model, compiled, after writing the new run's vocabulary and config."""
+    model = source_run.model
+    model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), loss="sparse_categorical_crossentropy")
+    run.copy_vocabulary_from(RunDir(init_run))
+    run.write_config(
+        {
+            **source_run.config,
+            "self_critical": {**asdict(options), "init_run": str(init_run), "features": str(features)},
+            "train_images": len(train.image_ids),
+            "dev_images": len(dev.image_ids),
+        }
     )
+    return model, []
+
+
+def score_start(session: _Session) -> list[dict]:
+    """Return the history's first row, epoch 0: the starting model's dev scores, which it is saved with."""
+    start = dev_scores(session)
+    rows = [{"epoch": 0, "mean_reward": "", **start, "seconds": "0"}]
+    session.run.write_history(rows)
+    session.run.save_model(session.model)
+    if session.verbose:
+        print(
+            f"self-critical training on {describe_device()}: {len(session.train.image_ids)} train images; "
+            f"dev {session.criterion} at start {start[session.score_column]}"
+        )
+    return rows
+
+
+def run_epochs(session: _Session, rows: list[dict]) -> list[float]:
+    """Train epoch after epoch until the last or until patience runs out; return each epoch's dev score."""
+    options, column = session.options, session.score_column
+    scores = [float(r[column]) for r in rows]
+    for epoch in range(int(rows[-1]["epoch"]) + 1, options.epochs + 1):
+        if len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
+            break
+        started = time.perf_counter()
+        mean_reward = train_epoch(session, epoch)
+        scores_now = dev_scores(session)
+        if float(scores_now[column]) > max(scores):
+            session.run.save_model(session.model)
+        scores.append(float(scores_now[column]))
+        seconds = time.perf_counter() - started
+        rows.append({"epoch": epoch, "mean_reward": f"{mean_reward:.4f}", **scores_now, "seconds": f"{seconds:.0f}"})
+        session.run.write_history(rows)
+        session.run.save_checkpoint(session.model, epoch)
+        if session.verbose:
+            shown = ", ".join(f"{k.removeprefix('dev_')} {v}" for k, v in scores_now.items())
+            print(
+                f"\repoch {epoch}/{options.epochs}: mean train reward ({session.criterion} of samples) "
+                f"{mean_reward:.4f}, dev (beam {session.dev_decoding.beam}) {shown}, {seconds:.0f} s"
+            )
+    return scores
+
+
+def train_epoch(session: _Session, epoch: int) -> float:
+    """Run one epoch of policy-gradient updates; return the mean reward of the sampled captions."""
+    options, train = session.options, session.train
+    rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run draws the same
+    order = rng.permutation(len(train.image_ids))
+    rewards_seen = []
+    for begin in range(0, len(order), options.batch_images):
+        ids = [train.image_ids[i] for i in order[begin : begin + options.batch_images]]
+        rewards_seen.append(update_batch(session, ids, rng))
+        if session.verbose and sys.stdout.isatty():
+            print(
+                f"\repoch {epoch}: {begin + len(ids)}/{len(order)} images, mean reward {np.mean(rewards_seen):.4f}",
+                end="",
+            )
+    return float(np.mean(rewards_seen))
+
+
+def update_batch(session: _Session, ids: list[str], rng: np.random.Generator) -> float:
+    """Sample captions for `ids`, reward them, take one policy-gradient step; return the mean reward."""
+    options, vocabulary = session.options, session.vocabulary
+    image_features = session.source.get(ids)
+    sampled = sample_captions(session.stepper, image_features, options.samples, options.max_length, rng, session.tokens)
+    repeated_ids = [i for i in ids for _ in range(options.samples)]
+    rewards = session.train_reward(repeated_ids, [vocabulary.decode(row) for row in sampled])
+    inputs, targets, mask = teacher_forcing_arrays(sampled, vocabulary.start_id, vocabulary.end_id)
+    session.update(
+        {session.source.input_name: np.repeat(image_features, options.samples, axis=0), "words": inputs},
+        targets,
+        mask,
+        leave_one_out_advantages(rewards, options.samples).astype(np.float32),
+    )
+    return float(rewards.mean())
+
+
+def dev_scores(session: _Session) -> dict[str, str]:
+    """Return the history columns of the dev split: the mean CIDEr-D of its beam-search captions (decoded
+    in chunks) and, with a METEOR term, their mean METEOR and mean reward."""
+    image_ids, words = session.dev.image_ids, []
+    for start in range(0, len(image_ids), DEV_CHUNK):
+        chunk = image_ids[start : start + DEV_CHUNK]
+        found = beam_search(session.stepper, session.source.get(chunk), session.dev_decoding, session.tokens)
+        words += [session.vocabulary.decode(hypotheses[0].tokens) for hypotheses in found]
+    parts = session.dev_reward.parts(image_ids, words)
+    scores = {"dev_cider_d": f"{parts['cider_d'].mean():.4f}"}
+    if "meteor" in parts:
+        scores.update(dev_meteor=f"{parts['meteor'].mean():.4f}", dev_reward=f"{parts['reward'].mean():.4f}")
+    return scores

@@ -1,10 +1,12 @@
-"""Training a caption model: data preparation, the fit loop, callbacks, the run directory."""
+"""Training a caption model with teacher forcing: prepare the data, build or resume, fit, save.
+
+`train_caption_model` reads as its phases; each is a function below. The run directory
+(`models.rundir.RunDir`) owns every file written.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
+import io
 import sys
 import time
 from collections.abc import Sequence
@@ -15,30 +17,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
-from models.attention import build_attention_model
-from models.config import REGION_DECODERS, CaptionModelConfig
-from models.inject import build_inject_model
-from models.merge import build_merge_model
-from models.rundir import (
-    CURVES_FILE,
-    HISTORY_FILE,
-    MODEL_FILE,
-    VOCABULARY_FILE,
-    read_run_config,
-    save_model_without_optimizer,
-    save_run_config,
-    write_json,
-)
+from features.store import FeatureStore, FeatureStoreError, SpatialMaps, atomic_write_bytes, spatial_path
+from models.config import CaptionModelConfig
+from models.decoders import DecoderError, build_decoder_model, get_decoder
+from models.rundir import CURVES_FILE, HISTORY_FILE, MODEL_FILE, VOCABULARY_FILE, RunDir
 from pipeline.batches import CaptionSequence, encode_captions
-from pipeline.captions import SplitCaptions, load_captions, load_split, select_split
+from pipeline.captions import SplitCaptions, select_split
+from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.embeddings import EmbeddingCoverage, WordVectors, embedding_matrix, read_word_vectors
 from pipeline.vocabulary import Vocabulary
 
-# decoder name -> model builder; the matching steppers are in models.captioner.make_stepper
-DECODERS = {"merge": build_merge_model, "inject": build_inject_model, "attention": build_attention_model}
-
-CHECKPOINT_FILE, STATE_FILE = "last_epoch.keras", "last_epoch.json"
+BEST_MODEL_FILE = f".best.{MODEL_FILE}"  # the best epoch so far, with its optimizer state
 
 
 class TrainingError(ValueError):
@@ -69,7 +58,7 @@ class CaptionData:
 
 def prepare_caption_data(
     store: FeatureStore,
-    data_dir: str | Path,
+    dataset: CaptionDataset,
     min_count: int,
     vocabulary: Vocabulary | None = None,
     regions: SpatialMaps | None = None,
@@ -77,17 +66,28 @@ def prepare_caption_data(
 ) -> CaptionData:
     """Return train/dev captions restricted to images with features (and spatial maps, when given),
     and the train vocabulary."""
-    captions = load_captions(data_dir)
-    available = set(store.features) if regions is None else set(store.features) & set(regions.index)
-    train = select_split(captions, load_split(data_dir, "train")[:limit_train], available)
-    dev = select_split(captions, load_split(data_dir, "dev"), available)
+    train, dev = select_train_dev(dataset, stored_ids(store, regions), limit_train)
     if not train.image_ids:
-        raise TrainingError(f"no train-split image of {data_dir} has features in the store")
+        raise TrainingError(f"no train-split image of {dataset.root} has features in the store")
     train_captions = [c for i in train.image_ids for c in train.captions[i]]
     if vocabulary is None:
         vocabulary = Vocabulary.build(train_captions, min_count)
     max_caption_length = max(len(c) for c in train_captions) + 2  # + <start>, <end>
     return CaptionData(vocabulary, max_caption_length, train, dev)
+
+
+def stored_ids(store: FeatureStore, regions: SpatialMaps | None = None) -> set[str]:
+    """Return the ids that have features (and a spatial map, when `regions` is given)."""
+    return set(store.features) if regions is None else set(store.features) & set(regions.index)
+
+
+def select_train_dev(
+    dataset: CaptionDataset, available: set[str], limit_train: int | None = None
+) -> tuple[SplitCaptions, SplitCaptions]:
+    """Return the cleaned train (its first `limit_train` images) and dev captions of images in `available`."""
+    captions = dataset.captions()
+    train = select_split(captions, dataset.split_ids("train")[:limit_train], available)
+    return train, select_split(captions, dataset.split_ids("dev"), available)
 
 
 def caption_sequence(
@@ -127,10 +127,11 @@ def open_spatial_maps(store: FeatureStore, features: str | Path) -> SpatialMaps:
 
 
 def build_caption_model(config: CaptionModelConfig) -> keras.Model:
-    """Return the decoder named by `config.decoder`."""
-    if config.decoder not in DECODERS:
-        raise TrainingError(f"unknown decoder {config.decoder!r}; choose one of {', '.join(DECODERS)}")
-    return DECODERS[config.decoder](config)
+    """Return the decoder named by `config.decoder` (models.decoders)."""
+    try:
+        return build_decoder_model(config)
+    except DecoderError as error:
+        raise TrainingError(str(error)) from None
 
 
 def initialise_embeddings(model: keras.Model, vocabulary: Vocabulary, vectors: WordVectors) -> EmbeddingCoverage:
@@ -153,15 +154,12 @@ def compile_caption_model(model: keras.Model, learning_rate: float) -> None:
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the whole model with its optimizer state after every epoch (atomically), for --resume."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run: RunDir):
         super().__init__()
-        self.run_dir = run_dir
+        self.run = run
 
     def on_epoch_end(self, epoch, logs=None):
-        temporary = self.run_dir / f".{CHECKPOINT_FILE}.tmp.keras"
-        self.model.save(temporary)
-        os.replace(temporary, self.run_dir / CHECKPOINT_FILE)
-        write_json(self.run_dir / STATE_FILE, {"epochs_done": epoch + 1})
+        self.run.save_checkpoint(self.model, epoch + 1)
 
 
 def plateau_state(
@@ -211,21 +209,14 @@ def describe_device() -> str:
     return f"GPU ({', '.join(g.name for g in gpus)})" if gpus else "CPU (no GPU visible to TensorFlow)"
 
 
-def _history_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def plot_history(history_csv: Path, out_png: Path) -> None:
-    """Draw loss and accuracy per epoch (train and dev) to a PNG."""
+def plot_history(run: RunDir) -> None:
+    """Draw loss and accuracy per epoch (train and dev) of the run's history to its curves PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _history_rows(history_csv)
+    rows = run.read_history()
     if not rows:
         return
     epochs = [int(r["epoch"]) + 1 for r in rows]
@@ -238,10 +229,10 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         axis.set_title(f"per-word {metric}")
         axis.legend()
     figure.tight_layout()
-    temporary = out_png.with_name(f".{out_png.stem}.tmp.png")
-    figure.savefig(temporary, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    os.replace(temporary, out_png)
+    atomic_write_bytes(run.file(CURVES_FILE), buffer.getvalue())
 
 
 @dataclass
@@ -254,24 +245,24 @@ class TrainingResult:
     device: str
 
 
-def resume_files(run_dir: Path, resume: bool) -> tuple[Path, Path]:
-    """Return `run_dir`'s (last-epoch checkpoint, state file); refuse a resume or a restart that cannot be.
+@dataclass
+class TrainingInputs:
+    """What a fit reads: the features, the captions and vocabulary, and the batches of both splits."""
 
-    Resuming needs the state file of an interrupted run; starting afresh must not overwrite one.
-    """
-    checkpoint, state_file = run_dir / CHECKPOINT_FILE, run_dir / STATE_FILE
-    if resume and not state_file.is_file():
-        raise TrainingError(f"{run_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
-    if not resume and state_file.is_file():
-        raise TrainingError(
-            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
-        )
-    return checkpoint, state_file
+    store: FeatureStore
+    regions: SpatialMaps | None
+    data: CaptionData
+    train: CaptionSequence
+    dev: CaptionSequence | None
+
+    def close(self) -> None:
+        if self.regions is not None:
+            self.regions.close()
 
 
 def train_caption_model(
     features: str | Path,
-    data_dir: str | Path,
+    dataset: CaptionDataset | str | Path,
     run_dir: str | Path,
     options: TrainingOptions,
     model_options: dict | None = None,
@@ -279,138 +270,169 @@ def train_caption_model(
     verbose: int | None = None,
 ) -> TrainingResult:
     """Train (or resume) a caption model and write its run directory."""
-    run_dir = Path(run_dir)
-    checkpoint, state_file = resume_files(run_dir, resume)
+    dataset = as_dataset(dataset)
+    run = RunDir(run_dir)
+    run.check_start(resume)
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
+    model_options = dict(run.read_config()["model"] if resume else model_options or {})
+    inputs = load_training_inputs(run, features, dataset, options, model_options.get("decoder", "merge"), resume)
+    try:
+        if resume:
+            model, past_rows, initial_epoch = resume_model(run)
+        else:
+            model, config, coverage = new_model(inputs, options, model_options, verbose)
+            write_training_config(run, inputs, options, config, coverage, features, dataset)
+            past_rows, initial_epoch = [], 0
+        verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose  # a bar on a terminal
+        history, seconds = fit(run, model, inputs, options, past_rows, initial_epoch, verbose)
+    finally:
+        inputs.close()
+    return save_best_model(run, model, inputs, len(history.epoch), seconds)
 
-    model_options = dict(read_run_config(run_dir)["model"] if resume else model_options or {})
-    decoder = model_options.get("decoder", "merge")
-    if decoder not in DECODERS:
-        raise TrainingError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+
+def load_training_inputs(
+    run: RunDir, features: str | Path, dataset: CaptionDataset, options: TrainingOptions, decoder: str, resume: bool
+) -> TrainingInputs:
+    """Phase 1: open the feature store (and spatial maps), select the captions, build the batches."""
+    try:
+        reads_regions = get_decoder(decoder).reads_regions
+    except DecoderError as error:
+        raise TrainingError(str(error)) from None
     store = FeatureStore.load(features)
-    regions = open_spatial_maps(store, features) if decoder in REGION_DECODERS else None
-    vocabulary = Vocabulary.load(run_dir / VOCABULARY_FILE) if resume else None
-    data = prepare_caption_data(store, data_dir, options.min_count, vocabulary, regions, options.limit_train)
+    regions = open_spatial_maps(store, features) if reads_regions else None
+    vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
+    data = prepare_caption_data(store, dataset, options.min_count, vocabulary, regions, options.limit_train)
     train = caption_sequence(store, data.train, data, options.batch_size, True, options.seed, regions)
     dev = caption_sequence(store, data.dev, data, options.batch_size, False, 0, regions) if data.dev.image_ids else None
+    return TrainingInputs(store, regions, data, train, dev)
 
-    initial_epoch, rows = 0, []
-    if resume:
-        initial_epoch = int(json.loads(state_file.read_text())["epochs_done"])
-        model = keras.saving.load_model(checkpoint)  # with its optimizer state
-        rows = [r for r in _history_rows(run_dir / HISTORY_FILE) if int(r["epoch"]) < initial_epoch]
-        _rewrite_history(run_dir / HISTORY_FILE, rows)
-    else:
-        vectors = read_word_vectors(options.embeddings, set(data.vocabulary.words)) if options.embeddings else None
-        if vectors is not None:
-            if model_options.get("embedding_dim", vectors.dim) != vectors.dim:
-                raise TrainingError(
-                    f"{options.embeddings} holds {vectors.dim}-d vectors but the embedding is "
-                    f"{model_options['embedding_dim']}-d; leave --embedding-dim out to use {vectors.dim}"
-                )
-            model_options["embedding_dim"] = vectors.dim
-        if regions is not None:
-            model_options["spatial_shape"] = regions.shape
-        config = CaptionModelConfig(
-            vocab_size=len(data.vocabulary),
-            max_caption_length=data.max_caption_length,
-            feature_dim=store.dim,
-            **model_options,
-        )
-        model = build_caption_model(config)
-        coverage = initialise_embeddings(model, data.vocabulary, vectors) if vectors is not None else None
-        if coverage is not None and verbose != 0:
-            print(
-                f"word vectors: {coverage.found} of {coverage.words} vocabulary words ({coverage.fraction:.1%}) "
-                f"found in {options.embeddings}" + (", frozen" if config.freeze_embeddings else "")
+
+def resume_model(run: RunDir) -> tuple[keras.Model, list[dict], int]:
+    """Phase 2 on --resume: the last checkpoint (with its optimizer), the history up to it, its epoch."""
+    initial_epoch = run.epochs_done()
+    rows = [r for r in run.read_history() if int(r["epoch"]) < initial_epoch]
+    run.write_history(rows)  # an epoch logged after the last checkpoint is run again
+    return run.load_checkpoint(), rows, initial_epoch
+
+
+def new_model(
+    inputs: TrainingInputs, options: TrainingOptions, model_options: dict, verbose: int | None
+) -> tuple[keras.Model, CaptionModelConfig, EmbeddingCoverage | None]:
+    """Phase 2 on a fresh start: build and compile the decoder, start from word vectors if given."""
+    data = inputs.data
+    vectors = read_word_vectors(options.embeddings, set(data.vocabulary.words)) if options.embeddings else None
+    if vectors is not None:
+        if model_options.get("embedding_dim", vectors.dim) != vectors.dim:
+            raise TrainingError(
+                f"{options.embeddings} holds {vectors.dim}-d vectors but the embedding is "
+                f"{model_options['embedding_dim']}-d; leave --embedding-dim out to use {vectors.dim}"
             )
-        compile_caption_model(model, options.learning_rate)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        data.vocabulary.save(run_dir / VOCABULARY_FILE)
-        save_run_config(
-            run_dir,
-            {
-                **{k: store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "dim", "weights")},
-                "feature_dim": store.dim,
-                "max_caption_length": data.max_caption_length,
-                "vocab_size": len(data.vocabulary),
-                "min_count": options.min_count,
-                "model": asdict(config),
-                "training": asdict(options),
-                "data": str(data_dir),
-                "features": str(features),
-                "train_images": len(data.train.image_ids),
-                "dev_images": len(data.dev.image_ids),
-                "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
-                **(
-                    {
-                        "embeddings": {
-                            "file": str(options.embeddings),
-                            "dim": vectors.dim,
-                            "frozen": config.freeze_embeddings,
-                            **coverage.to_dict(),
-                        }
-                    }
-                    if coverage
-                    else {}
-                ),
-            },
+        model_options["embedding_dim"] = vectors.dim
+    if inputs.regions is not None:
+        model_options["spatial_shape"] = inputs.regions.shape
+    config = CaptionModelConfig(
+        vocab_size=len(data.vocabulary),
+        max_caption_length=data.max_caption_length,
+        feature_dim=inputs.store.dim,
+        **model_options,
+    )
+    model = build_caption_model(config)
+    coverage = initialise_embeddings(model, data.vocabulary, vectors) if vectors is not None else None
+    if coverage is not None and verbose != 0:
+        print(
+            f"word vectors: {coverage.found} of {coverage.words} vocabulary words ({coverage.fraction:.1%}) "
+            f"found in {options.embeddings}" + (", frozen" if config.freeze_embeddings else "")
         )
+    compile_caption_model(model, options.learning_rate)
+    return model, config, coverage
 
-    monitor = "val_loss" if dev is not None else "loss"
-    # After --resume the callbacks go on from the whole run's history, as if never interrupted.
-    past = [float(r[monitor]) for r in rows if r.get(monitor)]
+
+def write_training_config(
+    run: RunDir,
+    inputs: TrainingInputs,
+    options: TrainingOptions,
+    config: CaptionModelConfig,
+    coverage: EmbeddingCoverage | None,
+    features: str | Path,
+    dataset: CaptionDataset,
+) -> None:
+    """Phase 3 on a fresh start: the vocabulary and config.json, each fact once."""
+    data = inputs.data
+    run.path.mkdir(parents=True, exist_ok=True)
+    data.vocabulary.save(run.file(VOCABULARY_FILE))
+    run_config = {
+        **{k: inputs.store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "weights")},
+        "model": asdict(config),
+        "training": asdict(options),
+        "data": str(dataset.root),
+        "data_format": dataset.format_name,
+        "features": str(features),
+        "train_images": len(data.train.image_ids),
+        "dev_images": len(data.dev.image_ids),
+        "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
+    }
+    if coverage is not None:
+        run_config["embeddings"] = {
+            "file": str(options.embeddings),
+            "dim": config.embedding_dim,
+            "frozen": config.freeze_embeddings,
+            **coverage.to_dict(),
+        }
+    run.write_config(run_config)
+
+
+def fit(
+    run: RunDir,
+    model: keras.Model,
+    inputs: TrainingInputs,
+    options: TrainingOptions,
+    past_rows: list[dict],
+    initial_epoch: int,
+    verbose: int,
+) -> tuple[keras.callbacks.History, float]:
+    """Phase 4: `model.fit` with the callbacks, which go on from the whole run's history after --resume."""
+    monitor = "val_loss" if inputs.dev is not None else "loss"
+    past = [float(r[monitor]) for r in past_rows if r.get(monitor)]
     callbacks = [
         keras.callbacks.ModelCheckpoint(
-            run_dir / f".best.{MODEL_FILE}",
+            run.file(BEST_MODEL_FILE),
             monitor=monitor,
             save_best_only=True,
             initial_value_threshold=min(past) if past else None,
         ),
         ResumedEarlyStopping(monitor=monitor, patience=options.patience, restore_best_weights=True, history=past),
         ResumedReduceLROnPlateau(monitor=monitor, factor=0.5, patience=2, min_lr=1e-5, history=past),
-        keras.callbacks.CSVLogger(run_dir / HISTORY_FILE, append=resume),
-        EpochCheckpoint(run_dir),
+        keras.callbacks.CSVLogger(run.file(HISTORY_FILE), append=initial_epoch > 0),
+        EpochCheckpoint(run),
     ]
-    if verbose is None:  # a live progress bar on a terminal, one line per epoch in a log
-        verbose = 1 if sys.stdout.isatty() else 2
-    device = describe_device()
     if verbose:
         print(
-            f"training on {device}: {len(train.sequences)} train captions, "
-            f"{0 if dev is None else len(dev.sequences)} dev captions, vocabulary {len(data.vocabulary)}"
+            f"training on {describe_device()}: {len(inputs.train.sequences)} train captions, "
+            f"{0 if inputs.dev is None else len(inputs.dev.sequences)} dev captions, "
+            f"vocabulary {len(inputs.data.vocabulary)}"
         )
     started = time.perf_counter()
     history = model.fit(
-        train.as_dataset(),
-        validation_data=None if dev is None else dev.as_dataset(),
+        inputs.train.as_dataset(),
+        validation_data=None if inputs.dev is None else inputs.dev.as_dataset(),
         epochs=options.epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
         verbose=verbose,
     )
-    seconds = time.perf_counter() - started
-    if regions is not None:
-        regions.close()
+    return history, time.perf_counter() - started
+
+
+def save_best_model(
+    run: RunDir, model: keras.Model, inputs: TrainingInputs, epochs_run: int, seconds: float
+) -> TrainingResult:
+    """Phase 5: the best epoch's model without optimizer state, the curves, and the result."""
     # EarlyStopping restored the best weights only if it stopped early; the best file is the truth.
-    best_path = run_dir / f".best.{MODEL_FILE}"
-    final = keras.saving.load_model(best_path, compile=False) if best_path.is_file() else model
-    save_model_without_optimizer(final, run_dir / MODEL_FILE)
-    plot_history(run_dir / HISTORY_FILE, run_dir / CURVES_FILE)
-    losses = [float(r[monitor]) for r in _history_rows(run_dir / HISTORY_FILE) if r.get(monitor)]
-    return TrainingResult(
-        run_dir, len(history.epoch), min(losses) if losses else None, seconds, len(train.sequences), device
-    )
-
-
-def _rewrite_history(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        path.unlink(missing_ok=True)
-        return
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    best_path = run.file(BEST_MODEL_FILE)
+    run.save_model(keras.saving.load_model(best_path, compile=False) if best_path.is_file() else model)
+    plot_history(run)
+    monitor = "val_loss" if inputs.dev is not None else "loss"
+    losses = [float(r[monitor]) for r in run.read_history() if r.get(monitor)]
+    best = min(losses) if losses else None
+    return TrainingResult(run.path, epochs_run, best, seconds, len(inputs.train.sequences), describe_device())

@@ -1,9 +1,11 @@
-"""Caption files, splits and cleaning, in the formats Flickr8k ships.
+"""Caption files and splits in the formats Flickr8k ships, and caption cleaning.
 
 - `Flickr8k.token.txt`: `IMAGE.jpg#N<TAB>caption`
 - `captions.txt`: CSV with an `image,caption` header; split on the first comma only (captions may
   hold commas, and the Kaggle copy quotes those)
 - `Flickr_8k.{train,dev,test}Images.txt`: one image id per line
+
+Which file of a dataset folder holds what is the dataset's business: see `pipeline.datasets`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nltk.tokenize import wordpunct_tokenize
-
-TOKEN_FILE = "Flickr8k.token.txt"
-CSV_FILE = "captions.txt"
-SPLIT_FILES = {
-    "train": "Flickr_8k.trainImages.txt",
-    "dev": "Flickr_8k.devImages.txt",
-    "test": "Flickr_8k.testImages.txt",
-}
 
 
 class CaptionFileError(ValueError):
@@ -67,26 +61,6 @@ def read_split(path: str | Path) -> list[str]:
     return [line.strip() for line in _read_lines(path) if line.strip()]
 
 
-def load_captions(data_dir: str | Path) -> Captions:
-    """Return the captions of a Flickr8k-style folder: the token file if present, else captions.txt."""
-    data_dir = Path(data_dir)
-    if (data_dir / TOKEN_FILE).is_file():
-        return read_token_file(data_dir / TOKEN_FILE)
-    if (data_dir / CSV_FILE).is_file():
-        return read_captions_csv(data_dir / CSV_FILE)
-    raise CaptionFileError(f"{data_dir}: neither {TOKEN_FILE} nor {CSV_FILE} is there")
-
-
-def load_split(data_dir: str | Path, split: str) -> list[str]:
-    """Return the image ids of an official split ('train', 'dev' or 'test') of a Flickr8k folder."""
-    if split not in SPLIT_FILES:
-        raise CaptionFileError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
-    path = Path(data_dir) / SPLIT_FILES[split]
-    if not path.is_file():
-        raise CaptionFileError(f"{path}: split file missing")
-    return read_split(path)
-
-
 def clean_caption(text: str) -> list[str]:
     """Return the caption's words: lowercased, punctuation and non-alphabetic tokens dropped.
 
@@ -124,23 +98,3 @@ def _read_lines(path: str | Path) -> list[str]:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise CaptionFileError(f"{path}: not UTF-8 text ({error})") from None
-
-
-def image_sources(data_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
-    """Return ({image id: path} of images to encode, ids listed in a caption file but missing on disk).
-
-    A Flickr8k-style folder (`Images/` plus a caption file) gives the captioned images; any other
-    folder gives every image file directly inside it, keyed by file name.
-    """
-    from features.images import list_images
-
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise CaptionFileError(f"{data_dir}: no such folder")
-    images = data_dir / "Images"
-    if images.is_dir() and ((data_dir / TOKEN_FILE).is_file() or (data_dir / CSV_FILE).is_file()):
-        ids = sorted(load_captions(data_dir))
-        sources = {i: images / i for i in ids if (images / i).is_file()}
-        return sources, [i for i in ids if i not in sources]
-    folder = images if images.is_dir() else data_dir
-    return {path.name: path for path in list_images(folder)}, []

@@ -56,7 +56,7 @@ def tiny_flickr(tmp_path_factory) -> Path:
 def tiny_store(tiny_flickr, tmp_path_factory) -> Path:
     """Features of the tiny folder from a randomly initialised efficientnet_lite0."""
     from features.extract import extract_features
-    from pipeline.captions import image_sources
+    from pipeline.datasets import image_sources
 
     out = tmp_path_factory.mktemp("store") / "tiny.pkl"
     sources, _ = image_sources(tiny_flickr)
@@ -80,7 +80,7 @@ def tiny_run(tiny_flickr, tiny_store, tmp_path_factory) -> Path:
 def tiny_spatial_store(tiny_flickr, tmp_path_factory) -> Path:
     """Like tiny_store, with the 7x7x1280 spatial maps beside it (extract_features.py --spatial)."""
     from features.extract import extract_features
-    from pipeline.captions import image_sources
+    from pipeline.datasets import image_sources
 
     out = tmp_path_factory.mktemp("spatial_store") / "tiny.pkl"
     sources, _ = image_sources(tiny_flickr)

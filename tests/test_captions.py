@@ -14,6 +14,7 @@ from pipeline.captions import (
     read_token_file,
     select_split,
 )
+from pipeline.datasets import Flickr8kFolder, image_sources, open_dataset
 from pipeline.vocabulary import Vocabulary, VocabularyError
 
 
@@ -43,6 +44,65 @@ def test_both_readers_agree_on_the_real_flickr8k_files():
     # The token file's one quirk line names no image; every real image has the same five captions.
     assert set(tokens) - set(csv) == {"2258277193_586949ec62.jpg.1"}
     assert all(tokens[k] == csv[k] for k in csv)
+
+
+def test_open_dataset_detects_a_flickr8k_folder_by_token_file_or_captions_csv(tmp_path):
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,A dog .\n")
+    only_csv = open_dataset(tmp_path)
+    assert isinstance(only_csv, Flickr8kFolder) and only_csv.format_name == "flickr8k"
+    assert only_csv.captions() == {"a.jpg": ["A dog ."]}
+    # The token file wins when both are there.
+    (tmp_path / "Flickr8k.token.txt").write_text("b.jpg#0\tA cat .\n")
+    assert open_dataset(tmp_path).captions() == {"b.jpg": ["A cat ."]}
+
+
+def test_open_dataset_names_what_it_expected_in_one_line(tmp_path):
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,A dog .\n")  # no Images/
+    with pytest.raises(CaptionFileError) as error:
+        open_dataset(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path}: not a caption dataset")
+    assert message.endswith("expected a Flickr8k folder (Images/ plus Flickr8k.token.txt or captions.txt)")
+    with pytest.raises(CaptionFileError, match="no such file or folder"):
+        open_dataset(tmp_path / "absent")
+
+
+def test_flickr8k_folder_values_on_the_tiny_fixture(tiny_flickr):
+    dataset = open_dataset(tiny_flickr)
+    assert dataset.root == tiny_flickr and dataset.splits == ("train", "dev", "test")
+    assert dataset.image_path("red_0.jpg") == tiny_flickr / "Images" / "red_0.jpg"
+    assert dataset.split_ids("dev") == ["red_3.jpg", "green_3.jpg", "blue_3.jpg"]
+    assert dataset.split_ids("test") == ["missing_0.jpg"]
+    assert len(dataset.split_ids("train")) == 9
+    captions = dataset.captions()
+    assert len(captions) == 13 and captions["missing_0.jpg"] == ["a red square"]
+    assert captions["green_2.jpg"] == ["A green field with grass .", "green grass in a field", "a big green field"]
+    assert dataset.captions() is captions  # read once
+    sources, missing = dataset.image_sources()
+    assert len(sources) == 12 and missing == ["missing_0.jpg"]
+    assert sources["blue_1.jpg"] == tiny_flickr / "Images" / "blue_1.jpg"
+    assert image_sources(tiny_flickr) == (sources, missing)
+
+
+def test_unknown_or_missing_split_is_a_clear_error(tiny_flickr, tmp_path):
+    with pytest.raises(CaptionFileError, match=r"unknown split 'val'; choose one of train, dev, test"):
+        open_dataset(tiny_flickr).split_ids("val")
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\tA dog .\n")
+    with pytest.raises(CaptionFileError, match=r"Flickr_8k\.devImages\.txt: split file missing"):
+        open_dataset(tmp_path).split_ids("dev")
+
+
+def test_image_sources_of_a_plain_folder_lists_its_images(tmp_path):
+    from conftest import make_image
+
+    make_image(tmp_path / "a.jpg")
+    make_image(tmp_path / "b.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert image_sources(tmp_path) == ({"a.jpg": tmp_path / "a.jpg", "b.png": tmp_path / "b.png"}, [])
+    with pytest.raises(CaptionFileError, match="no such folder"):
+        image_sources(tmp_path / "absent")
 
 
 def test_split_selection_skips_and_counts_missing_ids():

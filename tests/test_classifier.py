@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import make_image
-from features.augment import AUGMENTATIONS, augment_pixels, augmented_id, original_id
-from features.store import FeatureStore
-from models.classifier import (
+from classifier.augment import AUGMENTATIONS, augment_pixels, augmented_id, original_id
+from classifier.classes import ClassFolderError, LabelledBatches, load_class_folder, stratified_split
+from classifier.model import (
     ClassifierConfig,
     ClassifierError,
     build_classifier,
@@ -23,8 +22,9 @@ from models.classifier import (
     load_classifier_run,
     predict_probabilities,
 )
+from conftest import make_image
+from features.store import FeatureStore
 from models.rundir import RunDirError, save_model_without_optimizer
-from pipeline.classes import ClassFolderError, LabelledBatches, load_class_folder, stratified_split
 
 FLOWER_COLOURS = {"daisy": (235, 235, 235), "roses": (200, 20, 40), "tulips": (240, 200, 20)}
 
@@ -100,7 +100,7 @@ def test_l2_penalty_adds_its_weighted_sum_of_squares_to_the_loss():
 
 
 def test_label_smoothing_targets_the_smoothed_distribution():
-    from models.classifier import classification_loss
+    from classifier.model import classification_loss
 
     labels = np.array([0, 2])
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
@@ -229,7 +229,7 @@ def flowers(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(flowers, tmp_path_factory) -> dict:
-    from models.classifier_training import ClassifierTrainingOptions, train_classifier
+    from classifier.training import ClassifierTrainingOptions, train_classifier
 
     base = tmp_path_factory.mktemp("classifier")
     runs = {}
@@ -283,7 +283,7 @@ def test_augmented_variants_of_train_images_only_go_to_their_own_store(trained):
 
 
 def test_a_second_training_reuses_the_feature_store_and_refuses_to_overwrite_a_run(trained, flowers, tmp_path):
-    from models.classifier_training import ClassifierTrainingOptions, train_classifier
+    from classifier.training import ClassifierTrainingOptions, train_classifier
 
     with pytest.raises(ClassifierError, match="already holds a training run"):
         train_classifier(
@@ -309,7 +309,7 @@ def test_a_second_training_reuses_the_feature_store_and_refuses_to_overwrite_a_r
 
 
 def test_bad_training_options_fail_before_any_extraction(flowers, tmp_path):
-    from models.classifier_training import ClassifierTrainingOptions, train_classifier
+    from classifier.training import ClassifierTrainingOptions, train_classifier
 
     for options, message in [
         (ClassifierTrainingOptions(head="cnn"), "unknown head 'cnn'"),
@@ -383,11 +383,58 @@ def test_loading_something_that_is_not_a_classifier_run_fails_clearly(tmp_path, 
         load_classifier_run(tiny_run)
 
 
+# ---- the run format ----
+
+
+def test_a_new_run_is_saved_as_a_classifier_run(trained):
+    config = json.loads((trained["dense"].run_dir / "config.json").read_text())
+    assert config["format"] == "classifier-run" and config["version"] == 1
+    assert load_classifier_run(trained["dense"].run_dir).config["format"] == "classifier-run"
+
+
+def copy_run_with_config(run_dir: Path, copy: Path, **changes) -> Path:
+    """Copy a run directory, rewriting config.json's top-level keys with `changes`."""
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    config = json.loads((run_dir / "config.json").read_text()) | changes
+    (copy / "config.json").write_text(json.dumps(config, indent=2))
+    return copy
+
+
+def test_a_classifier_run_saved_in_the_old_captioning_run_format_still_loads(trained, flowers, tmp_path):
+    # What classifier runs wrote before they had a format of their own: the caption runs' name and version.
+    old = copy_run_with_config(
+        trained["dense"].run_dir, tmp_path / "old", format="captioning-run", version=1, task="image-classifier"
+    )
+    run = load_classifier_run(old)
+    assert run.config["format"] == "captioning-run" and run.classes == ["daisy", "roses", "tulips"]
+    assert run.model_config == load_classifier_run(trained["dense"].run_dir).model_config
+    images = [flowers / "daisy" / "1.png", flowers / "roses" / "2.png"]
+    expected, _ = classify_files(trained["dense"].run_dir, images)
+    results, errors = classify_files(run, images)
+    assert not errors and [r.to_dict() for r in results] == [r.to_dict() for r in expected]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"format": "captioning-run", "version": 1, "task": "image-captioning"}, "not an image-classifier run"),
+        ({"format": "captioning-run", "version": 2}, "captioning-run format version 2, expected 1"),
+        ({"format": "classifier-run", "version": 2}, "classifier-run format version 2, expected 1"),
+    ],
+)
+def test_other_formats_and_versions_are_refused(trained, tmp_path, changes, message):
+    copy = copy_run_with_config(trained["dense"].run_dir, tmp_path / "run", **changes)
+    with pytest.raises(RunDirError, match=message):
+        load_classifier_run(copy)
+
+
 # ---- evaluation ----
 
 
 def test_scores_of_known_predictions():
-    from models.classifier_evaluation import score
+    from classifier.evaluation import score
 
     class Run:
         path, classes = Path("run"), ["a", "b", "c"]
@@ -406,7 +453,7 @@ def test_scores_of_known_predictions():
 
 
 def test_auc_is_none_for_a_class_absent_from_the_data():
-    from models.classifier_evaluation import score
+    from classifier.evaluation import score
 
     class Run:
         path, classes = Path("run"), ["a", "b", "c"]
@@ -455,7 +502,7 @@ def test_evaluate_cli_scores_the_validation_split_and_writes_metrics_and_plots(t
 
 
 def test_evaluate_with_flip_scores_the_mean_of_each_image_and_its_mirror(trained, flowers, tmp_path):
-    from models.classifier_evaluation import evaluate_classifier
+    from classifier.evaluation import evaluate_classifier
 
     run = load_classifier_run(trained["dense"].run_dir)
     store = tmp_path / "own.pkl"
@@ -478,7 +525,7 @@ def test_evaluate_with_flip_scores_the_mean_of_each_image_and_its_mirror(trained
 
 
 def test_evaluate_on_another_class_folder_scores_every_image(trained, tmp_path):
-    from models.classifier_evaluation import evaluate_classifier
+    from classifier.evaluation import evaluate_classifier
 
     other = flower_folder(tmp_path / "holiday", per_class=2, colours={"roses": (190, 30, 50), "daisy": (250, 250, 250)})
     evaluation = evaluate_classifier(trained["dense"].run_dir, other, tmp_path / "holiday.pkl", progress=False)
@@ -545,18 +592,18 @@ def test_infer_prints_the_class_beside_the_caption(trained, flowers, tiny_run, c
 
 
 def test_flip_options_reach_the_classifier(trained, flowers, tiny_run, monkeypatch):
+    import classifier.model
     import classify
     import infer
-    import models.classifier
 
     calls = []
-    real = models.classifier.classify_files
+    real = classifier.model.classify_files
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("flip", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models.classifier, "classify_files", recording)
+    monkeypatch.setattr(classifier.model, "classify_files", recording)
     image, run = str(flowers / "roses" / "0.png"), str(trained["dense"].run_dir)
     assert classify.main(["predict", "--model", run, image]) == 0
     assert classify.main(["predict", "--model", run, image, "--flip"]) == 0
@@ -617,12 +664,57 @@ def test_train_cli_parses_augmentations_and_refuses_unknown_ones(capsys):
     import classify
 
     data = ["train", "--data", "d", "--out", "o"]
-    assert classify.parse_args(data).augment == []
-    assert classify.parse_args([*data, "--augment"]).augment == ["flip", "rotate", "bright"]
-    assert classify.parse_args([*data, "--augment", "flip, bright", "--units", "0"]).augment == ["flip", "bright"]
+    assert classify.parse_args(data).augmentations == []
+    assert classify.parse_args([*data, "--augment"]).augmentations == ["flip", "rotate", "bright"]
+    assert classify.parse_args([*data, "--augment", "flip, bright", "--units", "0"]).augmentations == [
+        "flip",
+        "bright",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         classify.parse_args([*data, "--augment", "flip,blur"])
     assert exit_info.value.code == 2 and "unknown blur" in capsys.readouterr().err
+
+
+def test_train_cli_fills_every_training_option_from_its_flag():
+    import dataclasses
+
+    import classify
+    from classifier.training import ClassifierTrainingOptions
+
+    data = ["train", "--data", "d", "--out", "o"]
+    args = classify.parse_args(data)
+    fields = [f.name for f in dataclasses.fields(ClassifierTrainingOptions)]
+    assert set(fields) <= set(vars(args))  # each option has its flag
+    assert classify.dataclass_from_args(ClassifierTrainingOptions, args) == ClassifierTrainingOptions()
+    flags = [
+        *("--head", "gru", "--augment", "flip", "--epochs", "7", "--batch-size", "5", "--lr", "0.02"),
+        *("--seed", "3", "--split-seed", "4", "--validation-fraction", "0.3", "--patience", "6"),
+        *("--units", "0", "--rnn-units", "9", "--dropout", "0.1", "--l2", "0.001", "--label-smoothing", "0.2"),
+        *("--encoder", "vgg16", "--weights", "none", "--fine-tune-epochs", "11", "--fine-tune-lr", "0.003"),
+    ]
+    options = classify.dataclass_from_args(ClassifierTrainingOptions, classify.parse_args([*data, *flags]))
+    assert options == ClassifierTrainingOptions(
+        head="gru",
+        augmentations=["flip"],
+        epochs=7,
+        batch_size=5,
+        learning_rate=0.02,
+        seed=3,
+        split_seed=4,
+        validation_fraction=0.3,
+        patience=6,
+        units=0,
+        rnn_units=9,
+        dropout=0.1,
+        l2=0.001,
+        label_smoothing=0.2,
+        encoder="vgg16",
+        weights="none",
+        fine_tune_epochs=11,
+        fine_tune_lr=0.003,
+    )
+    blocks = classify.parse_args([*data, "--fine-tune-blocks", "2"])
+    assert classify.dataclass_from_args(ClassifierTrainingOptions, blocks).fine_tune_blocks == 2
 
 
 def test_a_gru_run_on_a_store_without_spatial_maps_fails_clearly(flowers, tmp_path, capsys):

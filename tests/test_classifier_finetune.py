@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from test_classifier import flower_folder
 
-from features.activations import activation_cache_path, cache_activations, read_activations
-from features.efficientnet_lite import VARIANTS, build_efficientnet_lite
-from features.encoders import EncoderError, build_encoder, build_encoder_split
-from features.store import FeatureStoreError
-from models.classifier import (
+from classifier.activations import activation_cache_path, cache_activations, read_activations
+from classifier.finetune import build_fine_tuned_classifier
+from classifier.model import (
     ClassifierConfig,
     ClassifierError,
     classify_files,
@@ -22,7 +20,9 @@ from models.classifier import (
     load_classifier_run,
     predict_probabilities,
 )
-from models.classifier_finetune import build_fine_tuned_classifier
+from features.efficientnet_lite import VARIANTS, build_efficientnet_lite
+from features.encoders import EncoderError, build_encoder, build_encoder_split
+from features.store import FeatureStoreError
 from models.rundir import save_model_without_optimizer
 
 LITE0 = "efficientnet_lite0"
@@ -125,7 +125,7 @@ def test_a_fine_tuned_model_round_trips_through_a_keras_file(random_weights, tmp
 
 
 def test_the_gru_head_cannot_be_fine_tuned():
-    from models.classifier import build_classifier
+    from classifier.model import build_classifier
 
     with pytest.raises(ClassifierError, match="dense head"):
         build_classifier(ClassifierConfig(3, 1280, (7, 7, 1280), head="gru", fine_tune_blocks=2))
@@ -163,7 +163,7 @@ def flowers(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fine_tuned(flowers, random_weights, tmp_path_factory):
-    from models.classifier_training import ClassifierTrainingOptions, train_classifier
+    from classifier.training import ClassifierTrainingOptions, train_classifier
 
     base = tmp_path_factory.mktemp("ft_runs")
     options = ClassifierTrainingOptions(

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import make_image
-from models.rundir import load_run
+from models.rundir import RunDirError, load_run
+from models.search import DecodingOptions
 from models.training import (
     ResumedEarlyStopping,
     ResumedReduceLROnPlateau,
-    TrainingError,
     TrainingOptions,
     plateau_state,
     train_caption_model,
@@ -27,10 +27,13 @@ def test_tiny_run_directory_holds_everything_inference_needs(tiny_run):
     assert {"model.keras", "vocabulary.json", "config.json", "history.csv", "curves.png"} <= names
     config = json.loads((tiny_run / "config.json").read_text())
     run = load_run(tiny_run)
-    assert config["encoder"] == "efficientnet_lite0" and config["feature_dim"] == 1280
+    assert (config["format"], config["version"]) == ("captioning-run", 2)
+    assert config["encoder"] == "efficientnet_lite0" and config["model"]["feature_dim"] == 1280
     # max length derived from data: the longest tiny caption has 6 words, + <start> and <end>
-    assert config["max_caption_length"] == 8 == run.model_config.max_caption_length
-    assert config["vocab_size"] == len(run.vocabulary)
+    assert config["model"]["max_caption_length"] == 8 == run.model_config.max_caption_length
+    assert config["model"]["vocab_size"] == len(run.vocabulary)
+    # each fact once: the sizes live in "model" only (version 1 also wrote them at the top)
+    assert not {"dim", "feature_dim", "max_caption_length", "vocab_size", "min_count"} & set(config)
     with (tiny_run / "history.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
@@ -41,7 +44,7 @@ def test_training_resumes_from_the_last_saved_epoch_with_optimizer_state(tiny_fl
     small = {"units": 8, "embedding_dim": 4}
     run_dir = tmp_path / "run"
     train_caption_model(tiny_store, tiny_flickr, run_dir, options, small, verbose=0)
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(RunDirError, match="--resume"):
         train_caption_model(tiny_store, tiny_flickr, run_dir, options, small, verbose=0)
     options.epochs = 4
     result = train_caption_model(tiny_store, tiny_flickr, run_dir, options, resume=True, verbose=0)
@@ -53,7 +56,7 @@ def test_training_resumes_from_the_last_saved_epoch_with_optimizer_state(tiny_fl
     restored = keras.saving.load_model(run_dir / "last_epoch.keras")
     steps_per_epoch = -(-27 // 8)  # 9 train images x 3 captions, batch 8
     assert int(restored.optimizer.iterations) == 4 * steps_per_epoch
-    with pytest.raises(TrainingError, match="nothing to resume"):
+    with pytest.raises(RunDirError, match="nothing to resume"):
         train_caption_model(tiny_store, tiny_flickr, tmp_path / "fresh", options, resume=True, verbose=0)
 
 
@@ -154,6 +157,56 @@ def test_infer_rejects_bad_run_directories(tiny_run, tiny_flickr, tmp_path, caps
     assert "expects 1280-d features but encoder vgg16 gives 4096-d" in capsys.readouterr().err
 
 
+def test_a_version_1_run_still_loads_and_is_rewritten_without_its_copies(tiny_run, tmp_path):
+    from models.rundir import RunDir
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    config = json.loads((old / "config.json").read_text())
+    model = config["model"]
+    config.update(  # how version 1 wrote it: the sizes twice more at the top
+        version=1,
+        dim=1280,
+        feature_dim=model["feature_dim"],
+        max_caption_length=model["max_caption_length"],
+        vocab_size=model["vocab_size"],
+        min_count=1,
+    )
+    (old / "config.json").write_text(json.dumps(config))
+    run = load_run(old)
+    assert run.model_config == load_run(tiny_run).model_config
+    RunDir(old).write_config(run.config)
+    rewritten = json.loads((old / "config.json").read_text())
+    assert rewritten["version"] == 2 and "feature_dim" not in rewritten and rewritten["model"] == model
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model": {"x": 1}}, "malformed 'model' settings"),
+        ({"model": "x"}, "'model' must be an object"),
+        ({"model": None}, "'model' must be an object"),
+        ({"encoder": 3}, "'encoder' must name the encoder"),
+        (
+            {"model": {"decoder": "transformer", "vocab_size": 5, "max_caption_length": 4, "feature_dim": 3}},
+            "unknown decoder 'transformer'",
+        ),
+    ],
+)
+def test_a_config_of_the_wrong_shape_is_one_error_line(tiny_run, tiny_flickr, tmp_path, capsys, change, message):
+    import infer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([str(tiny_flickr / "Images" / "red_0.jpg"), "--model", str(broken)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_infer_batches_many_images_in_one_call(tiny_run, tmp_path, capsys):
     import infer
 
@@ -230,13 +283,50 @@ def test_evaluate_end_to_end_on_a_tiny_run(tiny_run, tiny_flickr, tiny_store, tm
     # Reusing stored features gives the same captions as encoding the images again.
     from models.captioner import Captioner
     from models.evaluation import evaluate_captions
+    from pipeline.datasets import open_dataset
 
     captioner = Captioner(load_run(tiny_run))
-    from_store = evaluate_captions(captioner, tiny_flickr, "dev", beam=2, features=tiny_store)
+    from_store = evaluate_captions(
+        captioner, open_dataset(tiny_flickr), "dev", DecodingOptions(beam=2), features=tiny_store
+    )
     assert from_store.captions == {i["image"]: i["caption"] for i in report["captions"]}
     # The test split's images are all missing: counted, and a non-zero exit.
     assert evaluate.main(["--model", str(tiny_run), "--data", str(tiny_flickr), "--split", "test"]) == 1
     assert "1 missing on disk" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_feature_store_it_cannot_use(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
+    import os
+    import pickle
+
+    import evaluate
+
+    class Payload:  # unpickling this would run a command: the store reader must refuse it
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "owned"),))
+
+    unsafe = tmp_path / "unsafe.pkl"
+    unsafe.write_bytes(pickle.dumps({"metadata": {"dim": 3}, "features": Payload()}))
+    other = tmp_path / "other.pkl"
+    from features.store import FeatureStore
+
+    store = FeatureStore.load(tiny_store)
+    FeatureStore({**store.metadata, "weights": "some.weights.h5"}, store.features).save(other)
+    partial = tmp_path / "partial.pkl"
+    FeatureStore(store.metadata, {"red_3.jpg": store.features["red_3.jpg"]}).save(partial)
+    cases = [
+        (unsafe, "unsafe.pkl"),
+        (tmp_path / "absent.pkl", "absent.pkl"),
+        (other, "leave --features out"),
+        (partial, "2 of the 3 images to caption have no stored features"),
+    ]
+    base = ["--model", str(tiny_run), "--data", str(tiny_flickr), "--features"]
+    for path, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main([*base, str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "owned").exists()
 
 
 def test_train_cli_reports_a_store_without_train_images(tiny_flickr, tmp_path, capsys):
@@ -288,7 +378,7 @@ def test_an_ensemble_decodes_with_the_mean_of_its_members_probabilities(tiny_run
     store = FeatureStore.load(tiny_store)
     ids = sorted(store.features)[:4]
     features = store.matrix(ids)
-    results = captioner.caption_features(ids, features, beam=2, length_penalty=0.0)
+    results = captioner.caption_features(ids, features, DecodingOptions(beam=2, length_penalty=0.0))
     # Each best caption's log-probability is that of the members' mean distribution, word by word,
     # from the full teacher-forced models.
     members = [run.model for run in load_runs(ensemble)]
@@ -300,7 +390,9 @@ def test_an_ensemble_decodes_with_the_mean_of_its_members_probabilities(tiny_run
         expected = sum(np.log(mean[t, token]) for t, token in enumerate(tokens[1:]))
         assert result.beams[0][1] == pytest.approx(float(expected), abs=1e-3)
     # Two --model paths make the same ensemble as the directory.
-    again = Captioner.load([tiny_run, other]).caption_features(ids, features, beam=2, length_penalty=0.0)
+    again = Captioner.load([tiny_run, other]).caption_features(
+        ids, features, DecodingOptions(beam=2, length_penalty=0.0)
+    )
     assert [r.caption for r in again] == [r.caption for r in results]
     assert Captioner.load([tiny_run, other]).name == f"{tiny_run} + {other}"
 
@@ -338,7 +430,8 @@ def test_a_merge_and_an_attention_run_decode_as_one_ensemble_on_spatial_maps(
     from features.encoders import get_encoder_spec
     from features.store import FeatureStore, SpatialMaps, spatial_path
     from models.captioner import Captioner
-    from models.decoding import MergeStepper, PooledStepper
+    from models.decoding import PooledStepper
+    from models.merge import MergeStepper
 
     captioner = Captioner.load([tiny_run, tiny_attention_run])
     assert captioner.reads_regions and captioner.feature_shape == (7, 7, 1280)

@@ -11,12 +11,14 @@ import keras
 import numpy as np
 import pytest
 
+from features.store import FeatureStore
 from models.attention import AttentionDecoder, AttentionStepper, build_attention_model, draw_attention_map
 from models.config import CaptionModelConfig
-from models.decoding import MergeStepper, beam_search, greedy_decode
+from models.decoding import Stepper
 from models.inject import InjectStepper, build_inject_model
-from models.merge import build_merge_model
+from models.merge import BroadcastTime, MergeStepper, build_merge_model
 from models.rundir import load_run, save_model_without_optimizer
+from models.search import DecodingOptions, SpecialTokens, beam_search, greedy_decode
 from models.training import compile_caption_model
 from pipeline.embeddings import WordVectorError, embedding_matrix, read_word_vectors
 from pipeline.vocabulary import Vocabulary
@@ -28,6 +30,7 @@ CONFIG = CaptionModelConfig(
 CAPTIONS = np.array([[2, 4, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0, 0], [2, 8, 9, 10, 11, 4, 3]], dtype=np.int32)
 BUILDERS = {"merge": build_merge_model, "inject": build_inject_model, "attention": build_attention_model}
 STEPPERS = {"merge": MergeStepper, "inject": InjectStepper, "attention": AttentionStepper}
+TOKENS = SpecialTokens.of(Vocabulary)
 DECODERS_AND_CELLS = [(d, c) for d in ("inject", "attention") for c in ("lstm", "gru")]
 
 
@@ -132,7 +135,7 @@ def test_attention_weights_sum_to_one_over_regions_and_match_the_full_model():
         assert weights.shape == (3, 6) and (weights > 0).all()
         np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
         np.testing.assert_allclose(weights, full[:, t], atol=1e-5)
-    replayed = stepper.attention_weights(features, [[4, 5, 6, 3], [7, 3], [8, 9, 10, 11, 4, 3]])
+    replayed = stepper.attention_weights(features, [[4, 5, 6, 3], [7, 3], [8, 9, 10, 11, 4, 3]], TOKENS.start)
     assert [w.shape for w in replayed] == [(4, 6), (2, 6), (6, 6)]
     np.testing.assert_allclose(replayed[2], full[2], atol=1e-5)
 
@@ -155,10 +158,10 @@ def test_doubly_stochastic_penalty_is_added_in_training_only():
 def test_beam_search_and_greedy_work_unchanged_on_spatial_features():
     stepper = AttentionStepper(_model("attention", seed=5))
     features = _features("attention", 4, seed=1)
-    greedy = greedy_decode(stepper, features, max_length=8)
-    beams = beam_search(stepper, features, beam_size=1, max_length=8)
+    greedy = greedy_decode(stepper, features, 8, TOKENS)
+    beams = beam_search(stepper, features, DecodingOptions(beam=1, max_length=8), TOKENS)
     assert [b[0].tokens for b in beams] == greedy
-    wide = beam_search(stepper, features, beam_size=3, max_length=8)
+    wide = beam_search(stepper, features, DecodingOptions(beam=3, max_length=8), TOKENS)
     assert all(len(h) == 3 and h[0].score >= h[-1].score for h in wide)
 
 
@@ -263,7 +266,7 @@ def test_attention_run_trains_records_decoder_and_decodes_from_stored_maps(tiny_
     maps = SpatialMaps(spatial_path(tiny_spatial_store))
     features = maps.get(["red_3.jpg", "blue_3.jpg"])
     maps.close()
-    captions = captioner.caption_features(["red", "blue"], features, beam=2, attention=True)
+    captions = captioner.caption_features(["red", "blue"], features, DecodingOptions(beam=2), attention=True)
     for caption in captions:
         assert caption.attention.shape == (len(caption.caption.split()), 7, 7)
         np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, atol=1e-5)
@@ -302,7 +305,11 @@ def test_evaluate_reuses_stored_spatial_maps(tiny_attention_run, tiny_flickr, ti
     from models.evaluation import evaluate_captions
 
     report = evaluate_captions(
-        Captioner(load_run(tiny_attention_run)), tiny_flickr, "dev", beam=2, features=tiny_spatial_store
+        Captioner(load_run(tiny_attention_run)),
+        tiny_flickr,
+        "dev",
+        DecodingOptions(beam=2),
+        features=tiny_spatial_store,
     )
     assert report.counts["captioned"] == 3 and set(report.captions) == {"red_3.jpg", "green_3.jpg", "blue_3.jpg"}
 
@@ -311,7 +318,7 @@ def test_evaluate_reuses_stored_spatial_maps(tiny_attention_run, tiny_flickr, ti
     "extra,vectors,message",
     [
         (["--decoder", "attention"], "", "run extract_features.py --spatial"),
-        (["--decoder", "transformer"], "", "unknown decoder 'transformer'"),
+        (["--decoder", "transformer"], "", "invalid choice: 'transformer'"),
         (["--embeddings", "{tmp}/v.txt"], "a 1 2\nred 1\n", "v.txt:2: expected a word and 2 numbers, got 1"),
         (
             ["--embeddings", "{tmp}/v.txt", "--embedding-dim", "8"],
@@ -331,3 +338,73 @@ def test_train_cli_turns_decoder_and_word_vector_errors_into_one_line(
         train.main(args + [a.format(tmp=tmp_path) for a in extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+class ToyStepper(Stepper):
+    """Steps of the toy decoder below: the next word depends on the last word and the image only."""
+
+    def __init__(self, model: keras.Model):
+        self.image_dense = model.get_layer("image_dense")
+        super().__init__(model)
+
+    def _start_impl(self, features):
+        return [self.image_dense(features)]
+
+    def _step_impl(self, tokens, state):
+        return self.log_probabilities(self.word_vectors(tokens) + state[0]), state
+
+
+def _build_toy(config: CaptionModelConfig) -> keras.Model:
+    image = keras.Input((config.feature_dim,), name="image")
+    words = keras.Input((None,), dtype="int32", name="words")
+    context = keras.layers.Dense(config.embedding_dim, name="image_dense")(image)
+    text = keras.layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True, name="embedding")(words)
+    merged = keras.layers.Add()([BroadcastTime()([context, text]), text])
+    hidden = keras.layers.Dense(config.units, activation="relu", name="hidden")(merged)
+    outputs = keras.layers.Dense(config.vocab_size, activation="softmax", name="next_word")(hidden)
+    return keras.Model({"image": image, "words": words}, outputs, name="toy_captioner")
+
+
+def test_a_decoder_registered_from_outside_trains_and_decodes(tiny_flickr, tiny_store, tmp_path, monkeypatch):
+    from models import decoders
+    from models.captioner import Captioner
+    from models.training import TrainingOptions, train_caption_model
+
+    monkeypatch.setattr(decoders, "_REGISTRY", dict(decoders._REGISTRY))  # the toy leaves with the test
+    decoders.register_decoder(decoders.Decoder("toy", _build_toy, ToyStepper, summary="a bigram model"))
+    assert "toy" in decoders.decoder_names()
+    options = TrainingOptions(epochs=3, batch_size=8, learning_rate=1e-2, min_count=1, seed=0, patience=5)
+    model_options = {"decoder": "toy", "units": 8, "embedding_dim": 8}
+    result = train_caption_model(tiny_store, tiny_flickr, tmp_path / "toy", options, model_options, verbose=0)
+    assert result.epochs_run == 3
+    captioner = Captioner.load(tmp_path / "toy")
+    assert isinstance(captioner.stepper, ToyStepper)
+    features = np.stack([FeatureStore.load(tiny_store).features[i] for i in ("red_3.jpg", "blue_3.jpg")])
+    captions = captioner.caption_features(["red", "blue"], features, DecodingOptions(beam=2))
+    # the stepper decodes what the trained model computes: its best caption's log-probability is the model's
+    words = [captioner.vocabulary.index[w] for w in captions[0].caption.split()] + [captioner.vocabulary.end_id]
+    inputs = {"image": features[:1], "words": np.array([[captioner.vocabulary.start_id, *words[:-1]]], np.int32)}
+    probabilities = np.asarray(captioner.run.model(inputs))[0]
+    expected = float(np.sum(np.log(probabilities[np.arange(len(words)), words])))
+    assert captions[0].beams[0][1] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_decoder_without_the_named_layers_is_refused(monkeypatch):
+    from models import decoders
+
+    def unnamed(config):
+        image = keras.Input((config.feature_dim,), name="image")
+        words = keras.Input((None,), dtype="int32", name="words")
+        text = keras.layers.Embedding(config.vocab_size, 4, name="embedding")(words)
+        return keras.Model({"image": image, "words": words}, keras.layers.Dense(config.vocab_size)(text))
+
+    monkeypatch.setattr(decoders, "_REGISTRY", dict(decoders._REGISTRY))
+    decoders.register_decoder(decoders.Decoder("unnamed", unnamed, ToyStepper))
+    with pytest.raises(decoders.DecoderError, match="missing: hidden, next_word"):
+        decoders.build_decoder_model(
+            CaptionModelConfig(vocab_size=9, max_caption_length=5, feature_dim=3, decoder="unnamed")
+        )
+    with pytest.raises(
+        decoders.DecoderError, match="unknown decoder 'nothing'; choose one of merge, inject, attention"
+    ):
+        decoders.get_decoder("nothing")

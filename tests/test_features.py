@@ -367,3 +367,106 @@ def test_all_registered_encoders_record_their_preprocessing():
         assert metadata["preprocessing"] and metadata["dim"] == spec.dim
     lite = get_encoder_spec("efficientnet_lite0").preprocess(np.array([[0.0, 127.0, 255.0]]))
     np.testing.assert_allclose(lite, [[-127 / 128, 0.0, 1.0]])
+
+
+# --- load_image's pixel budget ----------------------------------------------------------------------
+
+
+def palette_png(width: int, height: int, index: int = 3) -> bytes:
+    """Return a one-colour palette PNG, compressed row by row (13000 x 13000 pixels: about 0.2 MB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit, colour type 3: palette
+    palette = bytes(v for i in range(256) for v in (i, 255 - i, i // 2))
+    row, compressor = b"\x00" + bytes([index]) * width, zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    chunks = chunk(b"IHDR", header) + chunk(b"PLTE", palette) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+DECODE_IN_A_FRESH_PROCESS = """
+import resource, sys, time
+from features.images import ImageDecodeError, load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+try:
+    outcome = str(load_image(sys.argv[1], 224).shape)
+except ImageDecodeError as error:
+    outcome = str(error)
+print(outcome, time.perf_counter() - started, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, sep="\\n")
+"""
+
+
+def decode_in_a_fresh_process(path) -> tuple[str, float, float]:
+    """Return (the shape or the error, seconds, peak memory in MB over the process's start) of load_image(path)."""
+    result = subprocess.run(
+        [sys.executable, "-c", DECODE_IN_A_FRESH_PROCESS, str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    outcome, seconds, megabytes = result.stdout.strip().splitlines()
+    return outcome, float(seconds), float(megabytes)
+
+
+def test_an_image_over_the_pixel_budget_is_refused_before_decoding(tmp_path):
+    # The issue's image: 169 megapixels, under Pillow's bomb limit; decoding it took 3.6 GB and 8.7 s.
+    (tmp_path / "big.png").write_bytes(palette_png(13000, 13000))
+    outcome, seconds, megabytes = decode_in_a_fresh_process(tmp_path / "big.png")
+    assert outcome == (
+        f"{tmp_path / 'big.png'}: 13000 x 13000 pixels (169.0 megapixels) is over the limit of 50 megapixels "
+        "(--max-pixels)"
+    )
+    assert seconds < 0.5 and megabytes < 50
+
+
+def test_an_image_within_the_budget_decodes_in_bounded_memory(tmp_path):
+    # 48 megapixels in palette mode: the old path expanded it to RGBA three times over (about 1 GB).
+    (tmp_path / "camera.png").write_bytes(palette_png(8000, 6000))
+    outcome, seconds, megabytes = decode_in_a_fresh_process(tmp_path / "camera.png")
+    assert outcome == "(224, 224, 3)"
+    assert megabytes < 400, f"peak {megabytes:.0f} MB"
+    np.testing.assert_array_equal(load_image(tmp_path / "camera.png", 4)[0, 0], [3, 252, 1])  # palette entry 3
+
+
+def test_the_pixel_budget_is_a_parameter_and_a_process_wide_setting(tmp_path, monkeypatch):
+    import features.images as images
+
+    make_image(tmp_path / "small.png", size=(40, 30))
+    assert load_image(tmp_path / "small.png", 8, max_pixels=1200).shape == (8, 8, 3)
+    with pytest.raises(ImageDecodeError, match=r"40 x 30 pixels \(0\.0 megapixels\) is over the limit"):
+        load_image(tmp_path / "small.png", 8, max_pixels=1199)
+    monkeypatch.setattr(images, "_max_pixels", images.DEFAULT_MAX_PIXELS)  # restored after the test
+    images.set_max_pixels(1000)
+    assert images.max_pixels() == 1000
+    with pytest.raises(ImageDecodeError, match="over the limit of 0.001 megapixels"):
+        load_image(tmp_path / "small.png", 8)
+    with pytest.raises(ValueError):
+        images.set_max_pixels(0)
+    assert [images.pixel_count(t) for t in ("50000000", "50e6", "50M", "1.5m")] == [50_000_000] * 3 + [1_500_000]
+    for text in ("0", "-3", "nan", "lots"):
+        with pytest.raises(ValueError):
+            images.pixel_count(text)
+
+
+def test_a_jpeg_decodes_in_draft_mode_close_to_a_full_decode(tmp_path):
+    # A 4000 x 3000 photo: draft mode decodes it at 1/4 scale (1000 x 750), never at full size.
+    gradient = np.linspace(0, 255, 4000, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    array = np.stack([gradient[None, :].repeat(3000, 0), gradient[::-1][None, :].repeat(3000, 0),
+                      np.full((3000, 4000), 90.0)], axis=-1) + rng.normal(0, 3, (3000, 4000, 3))  # fmt: skip
+    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(tmp_path / "photo.jpg", quality=95)
+    drafted = load_image(tmp_path / "photo.jpg", 224)
+    with Image.open(tmp_path / "photo.jpg") as image:
+        full = np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32)
+    with Image.open(tmp_path / "photo.jpg") as image:
+        image.draft(None, (448, 448))  # what load_image asks for at size 224
+        assert image.size == (1000, 750)
+    assert drafted.shape == full.shape == (224, 224, 3)
+    assert np.abs(drafted - full).mean() < 1.0 and np.abs(drafted - full).max() < 8

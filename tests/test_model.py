@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
-
 import keras
 import numpy as np
 import pytest
 
 from models.config import CaptionModelConfig
-from models.decoding import EnsembleStepper, MergeStepper, beam_search, greedy_decode
-from models.merge import build_merge_model
+from models.decoding import EnsembleStepper
+from models.merge import MergeStepper, build_merge_model
 from models.rundir import save_model_without_optimizer
+from models.search import DecodingOptions, SpecialTokens, beam_search, greedy_decode
+from pipeline.vocabulary import Vocabulary
 
 CONFIG = CaptionModelConfig(vocab_size=12, max_caption_length=8, feature_dim=6, embedding_dim=5, units=7)
+TOKENS = SpecialTokens.of(Vocabulary)
 CAPTIONS = np.array([[2, 4, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0, 0], [2, 8, 9, 10, 11, 4, 3]], dtype=np.int32)
 
 
@@ -96,8 +97,8 @@ def test_beam_of_one_is_greedy():
     model = _model(seed=5)
     stepper = MergeStepper(model)
     features = _features(4, seed=1)
-    greedy = greedy_decode(stepper, features, max_length=8)
-    beams = beam_search(stepper, features, beam_size=1, max_length=8)
+    greedy = greedy_decode(stepper, features, 8, TOKENS)
+    beams = beam_search(stepper, features, DecodingOptions(beam=1, max_length=8), TOKENS)
     assert [b[0].tokens for b in beams] == greedy
 
 
@@ -121,129 +122,7 @@ def test_an_ensemble_steps_on_the_mean_of_its_members_probabilities():
         np.testing.assert_allclose(np.exp(log_probs), np.mean(expected, axis=0), rtol=1e-5, atol=1e-7)
         tokens = np.array([word, word], np.int32)
     # Beam search over an ensemble of one model with itself is beam search over that model.
-    alone = beam_search(MergeStepper(merge), features, beam_size=3, max_length=8)
-    doubled = beam_search(EnsembleStepper([MergeStepper(merge)] * 2), features, beam_size=3, max_length=8)
+    options = DecodingOptions(beam=3, max_length=8, length_penalty=0.0)
+    alone = beam_search(MergeStepper(merge), features, options, TOKENS)
+    doubled = beam_search(EnsembleStepper([MergeStepper(merge)] * 2), features, options, TOKENS)
     assert [[h.tokens for h in b] for b in doubled] == [[h.tokens for h in b] for b in alone]
-
-
-class ToyStepper:
-    """A hand-built Markov model over 6 tokens where greedy decoding is not the best sequence."""
-
-    # rows: previous token; columns: <pad> <unk> <start> <end> x y
-    TABLE = np.log(
-        np.array(
-            [
-                [1, 1, 1, 1, 1, 1],
-                [1, 1, 1, 1, 1, 1],
-                [1e-9, 1e-9, 1e-9, 0.02, 0.53, 0.45],  # after <start>: x looks best
-                [1, 1, 1, 1, 1, 1],
-                [1e-9, 1e-9, 1e-9, 0.30, 0.36, 0.34],  # after x: nothing is likely
-                [1e-9, 1e-9, 1e-9, 0.96, 0.02, 0.02],  # after y: <end> almost surely
-            ]
-        )
-    )
-
-    def start(self, features):
-        return [np.zeros((len(features), 1), np.float32)]
-
-    def step(self, tokens, state):
-        return self.TABLE[np.asarray(tokens)].copy(), state
-
-
-def _exhaustive_best(max_length):
-    best, best_score = None, -np.inf
-    for length in range(1, max_length):
-        for words in itertools.product([4, 5], repeat=length - 1):
-            sequence = [*words, 3]
-            previous, score = 2, 0.0
-            for token in sequence:
-                score += ToyStepper.TABLE[previous, token]
-                previous = token
-            if score > best_score:
-                best, best_score = sequence, score
-    return best, best_score
-
-
-def test_beam_search_finds_the_highest_scoring_sequence_on_a_toy_model():
-    stepper = ToyStepper()
-    best, best_score = _exhaustive_best(max_length=6)
-    assert best == [5, 3]
-    greedy = greedy_decode(stepper, np.zeros((1, 1)), max_length=6)[0]
-    assert greedy[0] == 4  # greedy commits to x and misses it
-    result = beam_search(stepper, np.zeros((2, 1)), beam_size=2, max_length=6)
-    for hypotheses in result:
-        assert hypotheses[0].tokens == best
-        assert hypotheses[0].log_prob == pytest.approx(best_score)
-        assert hypotheses[0].score >= hypotheses[1].score
-
-
-def test_length_penalty_prefers_longer_captions_when_asked():
-    stepper = ToyStepper()
-    plain = beam_search(stepper, np.zeros((1, 1)), beam_size=3, max_length=6)[0]
-    normalised = beam_search(stepper, np.zeros((1, 1)), beam_size=3, max_length=6, length_penalty=1.0)[0]
-    for hypothesis in normalised:
-        length = len(hypothesis.tokens)
-        assert hypothesis.score == pytest.approx(hypothesis.log_prob / length)
-    assert plain[0].tokens == [5, 3]
-    assert [h.tokens for h in sorted(plain, key=lambda h: -h.log_prob / len(h.tokens))][0] == normalised[0].tokens
-
-
-class LoopStepper:
-    """A Markov model over <end> and the words 4, 5, 6 that would rather go round 4 -> 5 -> 4 -> 5 than stop."""
-
-    # rows: previous token; columns: <pad> <unk> <start> <end> 4 5 6
-    TABLE = np.log(
-        np.array(
-            [
-                [1, 1, 1, 1, 1, 1, 1],
-                [1, 1, 1, 1, 1, 1, 1],
-                [1e-9, 1e-9, 1e-9, 0.01, 0.80, 0.10, 0.09],  # after <start>: 4
-                [1, 1, 1, 1, 1, 1, 1],
-                [1e-9, 1e-9, 1e-9, 0.01, 0.05, 0.84, 0.10],  # after 4: 5
-                [1e-9, 1e-9, 1e-9, 0.01, 0.80, 0.04, 0.15],  # after 5: back to 4
-                [1e-9, 1e-9, 1e-9, 0.60, 0.20, 0.10, 0.10],  # after 6: stop
-            ]
-        )
-    )
-
-    def start(self, features):
-        return [np.zeros((len(features), 1), np.float32)]
-
-    def step(self, tokens, state):
-        return self.TABLE[np.asarray(tokens)].copy(), state
-
-
-def _ngrams(tokens, n):
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
-@pytest.mark.parametrize("n", [2, 3])
-def test_no_repeat_ngram_keeps_every_n_gram_of_a_caption_unique(n):
-    features = np.zeros((3, 1))
-    plain = beam_search(LoopStepper(), features, beam_size=3, max_length=12)
-    assert plain[0][0].tokens[:4] == [4, 5, 4, 5]  # without the block the model loops
-    blocked = beam_search(LoopStepper(), features, beam_size=3, max_length=12, no_repeat_ngram=n)
-    for hypotheses in blocked:
-        assert len(hypotheses) == 3
-        for hypothesis in hypotheses:
-            grams = _ngrams(hypothesis.tokens, n)
-            assert len(grams) == len(set(grams)), hypothesis.tokens
-    # the block only removes words: a caption it allows keeps its log-probability
-    best = blocked[0][0]
-    previous, total = 2, 0.0
-    for token in best.tokens:
-        total += LoopStepper.TABLE[previous, token]
-        previous = token
-    assert best.log_prob == pytest.approx(total)
-
-
-def test_no_repeat_ngram_keeps_the_captions_that_do_not_repeat():
-    stepper = ToyStepper()
-    plain = beam_search(stepper, np.zeros((2, 1)), beam_size=2, max_length=6)
-    blocked = beam_search(stepper, np.zeros((2, 1)), beam_size=2, max_length=6, no_repeat_ngram=3)
-    for before, after in zip(plain, blocked, strict=True):
-        assert before[0].tokens == after[0].tokens == [5, 3]  # the best caption has no repeat: kept
-        assert before[1].tokens == [4, 4, 4, 4, 4]  # the runner-up repeats (4, 4, 4) ...
-        assert after[1].tokens != before[1].tokens and len(set(_ngrams(after[1].tokens, 3))) == len(
-            _ngrams(after[1].tokens, 3)
-        )  # ... and is replaced by one that does not

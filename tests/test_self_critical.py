@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from models.decoding import sample_captions
+from models.rundir import RunDirError
+from models.search import SpecialTokens, sample_captions
 from models.self_critical import (
     CaptionReward,
     CiderReward,
@@ -21,6 +22,7 @@ from models.self_critical import (
     teacher_forcing_arrays,
 )
 from models.training import TrainingError
+from pipeline.vocabulary import Vocabulary
 
 REFERENCES = {
     "a": [["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
@@ -123,7 +125,8 @@ class FixedStepper:
 
 def test_sampling_draws_words_in_proportion_and_stops_at_end():
     probabilities = [0.0, 0.0, 0.0, 0.1, 0.6, 0.3]  # <pad>, <unk>, <start> never; <end> 0.1
-    captions = sample_captions(FixedStepper(probabilities), np.zeros((400, 1)), 5, 30, np.random.default_rng(0))
+    tokens = SpecialTokens.of(Vocabulary)
+    captions = sample_captions(FixedStepper(probabilities), np.zeros((400, 1)), 5, 30, np.random.default_rng(0), tokens)
     assert captions.shape == (2000, 30)
     first = captions[:, 0]
     assert np.mean(first == 4) == pytest.approx(0.6, abs=0.04)
@@ -169,7 +172,7 @@ def test_tiny_run_writes_a_loadable_run_and_resumes(tiny_run, tiny_store, tiny_f
     assert result.best_dev_score == pytest.approx(max(float(r["dev_cider_d"]) for r in rows), abs=1e-4)
     run = load_run(out)
     assert run.config["self_critical"]["samples"] == 3 and run.config["model"] == load_run(tiny_run).config["model"]
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(RunDirError, match="--resume"):
         self_critical_train(tiny_run, tiny_store, tiny_flickr, out, options, verbose=False)
     options.epochs = 3
     resumed = self_critical_train(tiny_run, tiny_store, tiny_flickr, out, options, resume=True, verbose=False)

@@ -18,6 +18,7 @@ from models.captioner import Captioner
 from models.decoding import EnsembleStepper
 from models.evaluation import evaluate_captions
 from models.rundir import DEFAULT_RUN, load_runs
+from models.search import DecodingOptions
 
 
 def test_shipped_ensemble_is_complete_and_describes_itself():
@@ -27,7 +28,7 @@ def test_shipped_ensemble_is_complete_and_describes_itself():
     for run in runs:
         assert run.config["encoder"] == "efficientnet_lite0" and run.config["weights"] == "imagenet"
         assert run.config["model"]["decoder"] == "merge"
-        assert len(run.vocabulary) == run.config["vocab_size"] == 2533
+        assert len(run.vocabulary) == run.model_config.vocab_size == 2533
         assert run.model_config.max_caption_length == 38
         assert "self_critical" in run.config  # both members: teacher forcing, then self-critical training
     assert [run.config["training"]["seed"] for run in runs] == [0, 1]
@@ -41,7 +42,7 @@ def test_shipped_model_scores_on_fifty_dev_photos():
     # METEOR 0.205 (member seed0 alone: 0.239, 0.548, 0.198; the teacher-forced model before
     # self-critical training: 0.197, 0.473, 0.179). A broken
     # encoder, preprocessing or vocabulary scores near zero; the bounds leave room for a retrained model.
-    report = evaluate_captions(Captioner.load(DEFAULT_RUN), SHARED_FLICKR, split="dev", beam=3, limit=50)
+    report = evaluate_captions(Captioner.load(DEFAULT_RUN), SHARED_FLICKR, "dev", DecodingOptions(beam=3), limit=50)
     assert report.counts["captioned"] == 50
     assert report.metrics["BLEU-4"] > 0.15
     assert report.metrics["CIDEr"] > 0.38

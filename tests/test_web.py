@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import resource
 import socket
 import struct
 import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 import keras
 import numpy as np
 import pytest
@@ -28,10 +32,12 @@ from features.encoders import get_encoder_spec
 from models.captioner import Captioner
 from models.config import CaptionModelConfig
 from models.merge import build_merge_model
-from models.rundir import MODEL_FILE, VOCABULARY_FILE, load_run, save_model_without_optimizer, save_run_config
+from models.rundir import MODEL_FILE, VOCABULARY_FILE, RunDir, load_run, save_model_without_optimizer
+from models.search import DecodingOptions
 from pipeline.vocabulary import Vocabulary
 from web.app import create_app
 from web.batcher import CaptionBatcher, Upload
+from web.limits import ClientLimits, uvicorn_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT.parent / "shared" / "datasets" / "flickr8k" / "Images"
@@ -64,17 +70,12 @@ def build_fixed_caption_run(run_dir: Path, caption: str = TINY_CAPTION, seed: in
     model.fit(inputs, ids[:, 1:], epochs=60, batch_size=len(ids), verbose=0)
     run_dir.mkdir(parents=True, exist_ok=True)
     vocabulary.save(run_dir / VOCABULARY_FILE)
-    save_run_config(
-        run_dir,
+    RunDir(run_dir).write_config(
         {
-            **{k: v for k, v in spec.metadata().items() if k in ("encoder", "image_size", "preprocessing", "dim")},
+            **{k: v for k, v in spec.metadata().items() if k in ("encoder", "image_size", "preprocessing")},
             "weights": "none",
-            "feature_dim": spec.dim,
-            "max_caption_length": config.max_caption_length,
-            "vocab_size": len(vocabulary),
-            "min_count": 1,
             "model": asdict(config),
-        },
+        }
     )
     save_model_without_optimizer(model, run_dir / MODEL_FILE)
     return run_dir
@@ -151,6 +152,39 @@ def test_caption_json_matches_the_captioner(client, captioner, photo):
     assert set(result["timing_ms"]) == {"queue", "decode", "encode", "beam_search", "total"}
     assert result["batch_size"] == 1
     assert "error" not in result and "class" not in result
+
+
+def test_the_service_decodes_with_the_flags_infer_takes(captioner, photo):
+    import serve
+    from cli import decoding_options
+
+    args = serve.parse_args(["--beam", "4", "--length-penalty", "1.0", "--no-repeat-ngram", "2", "--max-length", "6"])
+    options = decoding_options(args)
+    assert options == DecodingOptions(beam=4, max_length=6, length_penalty=1.0, no_repeat_ngram=2)
+    with TestClient(create_app(captioner, decoding=options)) as client:
+        health = client.get("/api/health").json()
+        response = post_files(client, (photo.name, photo.read_bytes()))
+    assert health["decoding"] == {"beam": 4, "max_length": 6, "length_penalty": 1.0, "no_repeat_ngram": 2}
+    assert response.status_code == 200, response.text
+    served = [(b["caption"], b["log_prob"]) for b in response.json()["results"][0]["beams"]]
+    [expected], _ = captioner.caption_files([photo], options)  # what infer.py prints with the same flags
+    [default], _ = captioner.caption_files([photo])
+    assert [c for c, _ in served] == [c for c, _ in expected.beams]
+    assert [p for _, p in served] == pytest.approx([p for _, p in expected.beams], abs=1e-3)
+    assert len(served) == 4 and [c for c, _ in served] != [c for c, _ in default.beams]
+    for caption, _ in served:  # no word pair twice, no caption over 6 tokens (5 words and <end>)
+        words = caption.split()
+        assert len(words) <= 5 and len(set(zip(words, words[1:], strict=False))) == len(words) - 1
+
+
+def test_an_ensemble_is_named_by_all_its_members(captioner, tmp_path):
+    other = build_fixed_caption_run(tmp_path / "other", seed=1)
+    ensemble = Captioner.load([captioner.run.path, other])
+    with TestClient(create_app(ensemble)) as client:
+        body = post_files(client, ("red.jpg", jpeg_bytes())).json()
+        health = client.get("/api/health").json()
+    assert body["model"] == health["model"] == f"{captioner.run.path} + {other}"
+    assert body["results"][0]["caption"] == TINY_CAPTION
 
 
 def test_several_files_keep_their_order_and_a_bad_one_gets_an_error(client):
@@ -356,3 +390,201 @@ def test_page_in_chromium(captioner, photo, tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# --- hostile clients: the pixel budget, decoding off the model's thread, malformed bodies ---------
+
+
+def test_a_large_pixel_png_is_refused_fast_with_little_memory(client):
+    from test_features import palette_png
+
+    # The issue's attack: a 13000 x 13000 palette PNG (under Pillow's bomb limit), three in one request.
+    # Decoded at full size it took 3.6 GB and 8.7 s of the model's thread each.
+    big = palette_png(13000, 13000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    response = post_files(client, ("big.png", big), ("big2.png", big), ("big3.png", big))
+    seconds = time.perf_counter() - started
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(
+        "big.png: 13000 x 13000 pixels (169.0 megapixels) is over the limit of 50 megapixels (--max-pixels)"
+    )
+    assert seconds < 2.0 and grown_mb < 300, (seconds, grown_mb)
+    assert client.get("/api/health").json()["max_pixels"] == 50_000_000
+
+
+def test_a_slow_image_does_not_hold_up_other_requests(captioner, monkeypatch):
+    import web.batcher
+
+    real_load_image, threads = web.batcher.load_image, set()
+
+    def load_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
+        threads.add(threading.current_thread().name)
+        if data == b"SLOW":  # an image that takes 2 s to decode
+            time.sleep(2.0)
+            return np.zeros((size, size, 3), np.float32)
+        return real_load_image(data, size, max_pixels)
+
+    monkeypatch.setattr(web.batcher, "load_image", load_image)
+
+    async def timed(batcher: CaptionBatcher, upload: Upload) -> tuple[str, float]:
+        started = time.perf_counter()
+        [result] = await batcher.caption([upload])
+        return result["caption"], time.perf_counter() - started
+
+    async def run() -> tuple[tuple[str, float], tuple[str, float]]:
+        batcher = CaptionBatcher(captioner, window_ms=20, decode_workers=2)
+        await batcher.start()
+        try:
+            slow = asyncio.create_task(timed(batcher, Upload("slow.png", b"SLOW")))
+            await asyncio.sleep(0.05)  # the slow one is decoding when the normal one arrives
+            return await timed(batcher, Upload("red.jpg", jpeg_bytes())), await slow
+        finally:
+            await batcher.stop()
+
+    (fast_caption, fast_seconds), (slow_caption, slow_seconds) = asyncio.run(run())
+    assert fast_caption == slow_caption == TINY_CAPTION
+    assert fast_seconds < 1.0 and slow_seconds >= 2.0, (fast_seconds, slow_seconds)
+    assert threads and all(name.startswith("decode") for name in threads), threads  # never the model's thread
+
+
+def test_a_body_without_its_closing_boundary_is_400(client):
+    part = b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="red.jpg"\r\n\r\n' + jpeg_bytes()
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    response = client.post("/api/caption", content=part + b"\r\n", headers=headers)
+    assert response.status_code == 400
+    assert response.json()["detail"] == "malformed multipart upload: the body ends before its closing boundary"
+    assert client.post("/api/caption", content=part + b"\r\n--xyz--\r\n", headers=headers).status_code == 200
+
+
+# --- hostile clients: timeouts and caps, on a real uvicorn on a free loopback port ----------------
+
+
+@contextmanager
+def live_server(captioner: Captioner, limits: ClientLimits) -> Iterator[str]:
+    """Serve the tiny run with `limits` on 127.0.0.1 (as serve.py does) in a thread; yield its URL."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn_config(create_app(captioner, limits=limits), "127.0.0.1", port, limits, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def raw_connections(url: str, count: int, first_bytes: bytes = b"") -> Iterator[list[socket.socket]]:
+    """Open `count` sockets to the server, send each `first_bytes`, and close them all on exit."""
+    host, port = url.removeprefix("http://").split(":")
+    sockets = []
+    try:
+        for _ in range(count):
+            sockets.append(socket.create_connection((host, int(port)), timeout=10))
+            sockets[-1].sendall(first_bytes)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def read_until_closed(sock: socket.socket, limit_s: float = 10.0) -> tuple[bytes, float]:
+    """Return (what the server sent until it closed the connection, seconds waited); inf seconds if it did not."""
+    started, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return data, float("inf")
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - started
+
+
+HALF_A_HEADER = b"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"
+UPLOAD_HEAD = (
+    b"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+    b"Content-Length: 100000\r\n\r\n"
+    b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n' + b"\xff" * 1000
+)  # then it stalls, 98 KB short
+
+
+def test_stalled_headers_are_dropped_within_the_header_timeout(captioner):
+    limits = ClientLimits(header_timeout_s=1.0)
+    with live_server(captioner, limits) as url:
+        opened = time.monotonic()
+        with raw_connections(url, 1) as [silent], raw_connections(url, 1, HALF_A_HEADER) as [half]:
+            for sock in (silent, half):
+                data, _ = read_until_closed(sock)
+                assert data == b"" and 0.8 < time.monotonic() - opened < 3.0, time.monotonic() - opened
+        with httpx.Client(base_url=url, timeout=10) as http:  # a keep-alive client: two requests, one connection
+            assert http.get("/api/health").status_code == http.get("/api/health").status_code == 200
+
+
+def test_a_stalled_body_is_dropped_with_408(captioner):
+    limits = ClientLimits(body_timeout_s=1.0)
+    with live_server(captioner, limits) as url:
+        with raw_connections(url, 1, UPLOAD_HEAD) as [sock]:
+            data, waited = read_until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+        assert b"connection: close" in data.lower()
+        assert data.endswith(b'{"detail":"the upload stalled: no data for 1 s"}')
+        assert 0.8 < waited < 3.0, waited
+        assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
+
+
+def test_over_the_connection_cap_is_503_with_retry_after(captioner):
+    limits = ClientLimits(max_connections=3, header_timeout_s=3.0, retry_after_s=7)
+    with live_server(captioner, limits) as url:
+        with raw_connections(url, 3, HALF_A_HEADER):
+            time.sleep(0.3)  # the server has accepted the three
+            response = httpx.get(f"{url}/api/health", timeout=10)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7" and response.headers["connection"] == "close"
+        assert response.json() == {"detail": "too many connections (at most 3); retry in 7 s"}
+        deadline = time.monotonic() + 5  # the three are gone: served again
+        while (status := httpx.get(f"{url}/api/health", timeout=10).status_code) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 200
+
+
+def test_over_the_upload_cap_is_503_with_retry_after(captioner):
+    limits = ClientLimits(max_uploads=2, body_timeout_s=2.0, retry_after_s=4)
+    with live_server(captioner, limits) as url:
+        with raw_connections(url, 2, UPLOAD_HEAD) as stalled:
+            time.sleep(0.3)  # both uploads are in flight, stalled
+            response = httpx.post(f"{url}/api/caption", files={"files": ("red.jpg", jpeg_bytes())}, timeout=10)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "4"
+            assert response.json() == {"detail": "too many uploads in flight (at most 2); retry in 4 s"}
+            assert all(read_until_closed(sock)[0].startswith(b"HTTP/1.1 408 ") for sock in stalled)
+        response = httpx.post(f"{url}/api/caption", files={"files": ("red.jpg", jpeg_bytes())}, timeout=30)
+        assert response.status_code == 200 and response.json()["results"][0]["caption"] == TINY_CAPTION
+
+
+def test_serve_flags_set_the_limits():
+    import serve
+
+    args = serve.parse_args(
+        ["--header-timeout", "2", "--body-timeout", "3.5", "--max-connections", "10", "--max-uploads", "4",
+         "--retry-after", "9", "--keep-alive-timeout", "1", "--max-pixels", "20M", "--decode-workers", "3"]
+    )  # fmt: skip
+    assert args.limits == ClientLimits(
+        header_timeout_s=2.0, body_timeout_s=3.5, keep_alive_s=1.0, max_connections=10, max_uploads=4, retry_after_s=9
+    )
+    assert (args.max_pixels, args.decode_workers) == (20_000_000, 3)
+    assert serve.parse_args([]).limits == ClientLimits()
+    config = uvicorn_config(object(), "127.0.0.1", 8000, args.limits)
+    assert config.timeout_keep_alive == 1.0 and config.http.limits == args.limits
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--max-connections", "0"])

@@ -7,14 +7,18 @@
 
 Uploads are parsed in memory (never written to disk, never under a client-chosen name) and the
 request body is capped while it streams in. Every problem with the input is a 4xx JSON error
-{"detail": "..."} naming it.
+{"detail": "..."} naming it. Against hostile clients (web/limits.py, docs/serving.md): an upload that
+stalls between two chunks for `body_timeout_s` gets 408 and its connection closed; beyond `max_uploads`
+bodies in flight, 503 with Retry-After; images over the pixel budget are refused before decoding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -25,9 +29,12 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from features import images
 from models.captioner import Captioner
+from models.search import DecodingOptions
 from models.training import describe_device
 from web.batcher import CaptionBatcher, Classify, Upload
+from web.limits import ClientLimits, busy_headers
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 FILES_FIELD = "files"
@@ -59,8 +66,15 @@ class ImageResult(BaseModel):
     error: str | None = Field(None, description="why this file could not be captioned (then no caption)")
 
 
+class Decoding(BaseModel):
+    beam: int
+    max_length: int | None = Field(description="longest caption in tokens; null: the run's own")
+    length_penalty: float
+    no_repeat_ngram: int = Field(description="no N consecutive words repeated within a caption; 0: off")
+
+
 class CaptionResponse(BaseModel):
-    model: str
+    model: str = Field(description="what decodes: a run, or the runs of an ensemble joined by ' + '")
     beam: int
     results: list[ImageResult] = Field(description="one per uploaded file, in upload order")
 
@@ -79,11 +93,15 @@ class Health(BaseModel):
     vocabulary_size: int
     max_caption_length: int
     beam: int
+    decoding: Decoding = Field(description="the decoding settings every caption is made with")
     classifier: bool
     batching: bool
     batch_window_ms: float
     max_batch: int
     max_upload_mb: float
+    max_pixels: int = Field(description="images with more pixels (after JPEG draft reduction) are refused")
+    decode_workers: int
+    limits: dict[str, float] = Field(description="timeouts (s) and caps against slow or greedy clients")
     device: str
 
 
@@ -113,13 +131,34 @@ class UploadTooLarge(Exception):
     """The request body passed the size limit while streaming in."""
 
 
-async def _capped(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
-    received = 0
-    async for chunk in stream:
+class UploadStalled(Exception):
+    """No chunk of the request body arrived within the body timeout."""
+
+
+async def _capped(stream: AsyncIterator[bytes], max_bytes: int, chunk_timeout_s: float) -> AsyncIterator[bytes]:
+    """Yield the body's chunks; raise UploadTooLarge past `max_bytes`, UploadStalled when a chunk is late."""
+    received, chunks = 0, aiter(stream)
+    while True:
+        try:
+            async with asyncio.timeout(chunk_timeout_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadStalled from None
         received += len(chunk)
         if received > max_bytes:
             raise UploadTooLarge
         yield chunk
+
+
+class _MultiPartParser(MultiPartParser):
+    """Starlette's parser, noting whether the body reached its closing boundary (python-multipart does not check)."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
 
 
 def _label(filename: str | None) -> str:
@@ -128,10 +167,15 @@ def _label(filename: str | None) -> str:
     return name[:MAX_NAME_LENGTH] or "upload"
 
 
-async def read_uploads(request: Request, max_bytes: int) -> list[Upload]:
-    """Return the files of the request's "files" field, read into memory; raise HTTPException for bad uploads."""
+async def read_uploads(request: Request, max_bytes: int, chunk_timeout_s: float = 5.0) -> list[Upload]:
+    """Return the files of the request's "files" field, read into memory; raise HTTPException for bad uploads.
+
+    The body is cut off past `max_bytes` (413) or when no chunk comes for `chunk_timeout_s` (408);
+    both close the connection, whose unread rest is not waited for.
+    """
+    close = {"Connection": "close"}
     too_large = HTTPException(
-        413, f"upload too large: at most {max_bytes / 2**20:g} MB per request (all files together)"
+        413, f"upload too large: at most {max_bytes / 2**20:g} MB per request (all files together)", close
     )
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
@@ -143,19 +187,23 @@ async def read_uploads(request: Request, max_bytes: int) -> list[Upload]:
     if length.isdigit() and int(length) > max_bytes:
         raise too_large
     try:
-        async with aclosing(_capped(request.stream(), max_bytes)) as stream:
-            parser = MultiPartParser(
+        async with aclosing(_capped(request.stream(), max_bytes, chunk_timeout_s)) as stream:
+            parser = _MultiPartParser(
                 request.headers, stream, max_files=MAX_FILES_PER_REQUEST, max_fields=MAX_FILES_PER_REQUEST
             )
             parser.spool_max_size = max_bytes + 1  # keep every file in memory: nothing goes to disk
             form = await parser.parse()
     except UploadTooLarge:
         raise too_large from None
+    except UploadStalled:
+        raise HTTPException(408, f"the upload stalled: no data for {chunk_timeout_s:g} s", close) from None
     except MultiPartException as error:
         raise HTTPException(400, f"malformed multipart upload: {error.message}") from None
     except ClientDisconnect:
         raise HTTPException(400, "the client disconnected during the upload") from None
     try:
+        if not parser.ended:  # else a cut-off body would look like a body without files (422)
+            raise HTTPException(400, "malformed multipart upload: the body ends before its closing boundary")
         files = [value for value in form.getlist(FILES_FIELD) if isinstance(value, UploadFile)]
         if not files:
             fields = ", ".join(sorted(set(form.keys()))) or "none"
@@ -171,37 +219,74 @@ def create_app(
     captioner: Captioner,
     *,
     classify: Classify | None = None,
-    beam: int = 3,
+    decoding: DecodingOptions | None = None,
     max_upload_mb: float = 20.0,
     batch_window_ms: float = 10.0,
     max_batch: int = 32,
     batching: bool = True,
+    decode_workers: int = 2,
+    max_pixels: int | None = None,
+    limits: ClientLimits | None = None,
 ) -> FastAPI:
-    """Return the FastAPI app captioning with `captioner` (and `classify`, when given)."""
+    """Return the FastAPI app captioning with `captioner` (and `classify`, when given).
+
+    `max_pixels`: the pixel budget of an upload (None: features.images' process-wide one, which the
+    classifier hook also decodes with). `limits`: the timeouts and caps against hostile clients; the
+    app enforces the body ones, and `web.limits.uvicorn_config` the connection ones (`app.state.limits`).
+    """
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    max_bytes = int(max_upload_mb * 2**20)
+    decoding = decoding or DecodingOptions()
+    limits = limits or ClientLimits()
     batcher = CaptionBatcher(
-        captioner, beam=beam, window_ms=batch_window_ms, max_batch=max_batch, batching=batching, classify=classify
+        captioner,
+        decoding=decoding,
+        window_ms=batch_window_ms,
+        max_batch=max_batch,
+        batching=batching,
+        classify=classify,
+        decode_workers=decode_workers,
+        max_pixels=max_pixels,
     )
-    run = captioner.run
-    health = Health(
+    health = _health(captioner, batcher, batch_window_ms, max_upload_mb, limits)
+    app = FastAPI(
+        title="Photo captioning",
+        summary="Caption photos with a trained run: an encoder, then beam search with the run's decoder.",
+        lifespan=_lifespan(batcher),
+    )
+    app.state.batcher, app.state.limits = batcher, limits
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_routes(app, batcher, health, limits)
+    return app
+
+
+def _health(
+    captioner: Captioner, batcher: CaptionBatcher, batch_window_ms: float, max_upload_mb: float, limits: ClientLimits
+) -> Health:
+    """Return what /api/health answers: the model, the decoding settings and the server's limits."""
+    return Health(
         status="ok",
         model=captioner.name,
         encoder=captioner.spec.name,
         encoder_weights=str(captioner.encoder_weights),
-        decoder=run.model_config.decoder,
+        decoder=captioner.run.model_config.decoder,
         vocabulary_size=len(captioner.vocabulary),
-        max_caption_length=run.model_config.max_caption_length,
-        beam=beam,
-        classifier=classify is not None,
-        batching=batching,
+        max_caption_length=captioner.max_caption_length,
+        beam=batcher.decoding.beam,
+        decoding=Decoding(**batcher.decoding.to_dict()),
+        classifier=batcher.classify is not None,
+        batching=batcher.batching,
         batch_window_ms=batch_window_ms,
-        max_batch=max_batch,
+        max_batch=batcher.max_batch,
         max_upload_mb=max_upload_mb,
+        max_pixels=batcher.max_pixels or images.max_pixels(),
+        decode_workers=batcher.decode_workers,
+        limits=asdict(limits),
         device=describe_device(),
     )
 
+
+def _lifespan(batcher: CaptionBatcher):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
@@ -210,13 +295,25 @@ def create_app(
         finally:
             await batcher.stop()
 
-    app = FastAPI(
-        title="Photo captioning",
-        summary="Caption photos with a trained run: an encoder, then beam search with the run's decoder.",
-        lifespan=lifespan,
-    )
-    app.state.batcher = batcher
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return lifespan
+
+
+CAPTION_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "malformed multipart body"},
+    408: {"model": ErrorResponse, "description": "the upload stalled (no data within the body timeout)"},
+    415: {"model": ErrorResponse, "description": "not multipart/form-data"},
+    422: {
+        "model": ErrorResponse,
+        "description": "no files, or no file is a readable image (or within the pixel limit)",
+    },
+    503: {"model": ErrorResponse, "description": "too many uploads in flight; retry after the Retry-After seconds"},
+}
+
+
+def add_routes(app: FastAPI, batcher: CaptionBatcher, health: Health, limits: ClientLimits) -> None:
+    """Add the page, /api/health and /api/caption to `app`."""
+    max_bytes = int(health.max_upload_mb * 2**20)
+    uploads_in_flight = asyncio.Semaphore(limits.max_uploads)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -238,25 +335,24 @@ def create_app(
             "is readable the answer is 422."
         ),
         responses={
-            400: {"model": ErrorResponse, "description": "malformed multipart body"},
-            413: {"model": ErrorResponse, "description": f"request larger than {max_upload_mb:g} MB"},
-            415: {"model": ErrorResponse, "description": "not multipart/form-data"},
-            422: {"model": ErrorResponse, "description": "no files, or no file is a readable image"},
+            **CAPTION_RESPONSES,
+            413: {"model": ErrorResponse, "description": f"request larger than {health.max_upload_mb:g} MB"},
         },
         openapi_extra=UPLOAD_BODY,
     )
     async def caption(request: Request):
-        started = time.perf_counter()
-        uploads = await read_uploads(request, max_bytes)
-        results = await batcher.caption(uploads)
+        if uploads_in_flight.locked():  # answered at once: a waiting upload would still hold its socket
+            detail = f"too many uploads in flight (at most {limits.max_uploads}); retry in {limits.retry_after_s} s"
+            raise HTTPException(503, detail, busy_headers(limits))
+        async with uploads_in_flight:
+            started = time.perf_counter()
+            uploads = await read_uploads(request, max_bytes, limits.body_timeout_s)
+            results = await batcher.caption(uploads)
         total = round((time.perf_counter() - started) * 1000.0, 1)
         for result in results:
             if "timing_ms" in result:
                 result["timing_ms"]["total"] = total
-        body = {"model": str(run.path), "beam": beam, "results": results}
         if all("error" in result for result in results):
             detail = "; ".join(result["error"] for result in results)
             return JSONResponse({"detail": detail, "results": results}, status_code=422)
-        return body
-
-    return app
+        return {"model": health.model, "beam": health.beam, "results": results}

@@ -4,12 +4,14 @@ dense: pooled vector (D,) -> Dropout -> Dense(units, relu) -> Dense(classes, sof
 gru:   spatial map (H, W, C) -> Reshape (H*W regions, C) -> Dropout -> GRU(rnn_units) -> Dense(classes, softmax)
 An L2 penalty (`l2`), if set, applies to every kernel of the head.
 fine-tuned (fine_tune_blocks = N > 0, dense head only): the model reads the activations that enter the
-encoder's last N blocks and runs those blocks itself (models/classifier_finetune.py); photos go
+encoder's last N blocks and runs those blocks itself (classifier/finetune.py); photos go
 through the frozen bottom of the encoder first.
 
 RUN_DIR/model.keras    best head, or fine-tuned top + head (no optimizer state)
 RUN_DIR/classes.json   class names in output order
 RUN_DIR/config.json    task, encoder, weights, head, feature shape, classes, split seed, training options
+                       (format "classifier-run"; runs written before it had its own format say
+                       "captioning-run", version 1, with task "image-classifier", and still load)
 RUN_DIR/split.json     the train and validation image ids
 RUN_DIR/history.csv    per-epoch loss/accuracy; RUN_DIR/curves.png the same as a plot
 """
@@ -25,20 +27,23 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from features.activations import activation_cache_path, cache_activations, cached_ids, read_activations
-from features.augment import AUGMENTATIONS
+from classifier.activations import activation_cache_path, cache_activations, cached_ids, read_activations
+from classifier.augment import AUGMENTATIONS
 from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
 from features.extract import ExtractionReport, extract_features
 from features.images import ImageDecodeError, load_image
 from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
-from models.rundir import CONFIG_FILE, MODEL_FILE, RunDirError, read_run_config
+from models.rundir import CONFIG_FILE, MODEL_FILE, RunDirError, write_json
 
 TASK = "image-classifier"
+RUN_FORMAT, RUN_FORMAT_VERSION = "classifier-run", 1
+# Classifier runs were first saved in the caption runs' format, told apart by their "task" alone.
+LEGACY_RUN_FORMAT, LEGACY_RUN_VERSIONS = "captioning-run", (1,)
 CLASSES_FILE, SPLIT_FILE = "classes.json", "split.json"
 ENCODE_BATCH = 32
 STORE_FOLDER = Path("features") / "store"
 PREDICT_CHUNK = 512  # rows widened to float32 at a time when predicting from float16 maps
-FLIP = "flip"  # the test-time augmentation: a horizontal mirror (features.augment)
+FLIP = "flip"  # the test-time augmentation: a horizontal mirror (classifier.augment)
 
 
 class ClassifierError(ValueError):
@@ -250,7 +255,7 @@ def prepare_inputs(
     """Encode the images of `sources` not yet cached and return a reader of the model's inputs.
 
     A frozen-encoder head reads the feature store at `store_path`; a fine-tuned model reads the
-    activation cache beside it (`features.activations.activation_cache_path`).
+    activation cache beside it (`classifier.activations.activation_cache_path`).
     """
     if config.fine_tune_blocks:
         cache = activation_cache_path(store_path, encoder, config.fine_tune_blocks)
@@ -301,14 +306,51 @@ def _read_json(path: Path):
         raise RunDirError(f"{path}: not valid JSON ({error})") from None
 
 
-def load_classifier_run(run_dir: str | Path) -> ClassifierRun:
-    """Return the run's model, classes and config, checking that they agree."""
+def write_classifier_config(run_dir: str | Path, config: dict) -> None:
+    """Write the run's config.json, atomically, under the classifier runs' own format name and version."""
+    kept = {k: v for k, v in config.items() if k not in ("format", "version")}
+    write_json(Path(run_dir) / CONFIG_FILE, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, **kept})
+
+
+def read_classifier_config(run_dir: str | Path) -> dict:
+    """Return config.json of a classifier run: format "classifier-run", or the older "captioning-run" one."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory (train one with classify.py train)")
-    config = read_run_config(run_dir)
-    if config.get("task") != TASK:
-        raise RunDirError(f"{run_dir / CONFIG_FILE}: not an image-classifier run (train one with classify.py train)")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: incomplete run directory, {CONFIG_FILE} missing")
+    config = _read_json(path)
+    name = config.get("format") if isinstance(config, dict) else None
+    if name == RUN_FORMAT:
+        readable = (RUN_FORMAT_VERSION,)
+    elif name == LEGACY_RUN_FORMAT and config.get("task") == TASK:
+        readable = LEGACY_RUN_VERSIONS
+    else:
+        raise RunDirError(f"{path}: not an image-classifier run (train one with classify.py train)")
+    if config.get("version") not in readable:
+        expected = " or ".join(str(v) for v in readable)
+        raise RunDirError(f"{path}: {name} format version {config.get('version')}, expected {expected}")
+    for key in ("encoder", "model"):
+        if key not in config:
+            raise RunDirError(f"{path}: {key!r} missing from the run config")
+    return config
+
+
+def _load_model(run_dir: Path) -> keras.Model:
+    model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise RunDirError(f"{run_dir}: incomplete run directory, {MODEL_FILE} missing")
+    try:
+        return keras.saving.load_model(model_path, compile=False)
+    except Exception as error:  # Keras raises many kinds for a damaged archive
+        raise RunDirError(f"{model_path}: cannot load the model ({type(error).__name__}: {str(error)[:120]})") from None
+
+
+def load_classifier_run(run_dir: str | Path) -> ClassifierRun:
+    """Return the run's model, classes and config, checking that they agree."""
+    run_dir = Path(run_dir)
+    config = read_classifier_config(run_dir)
     classes = _read_json(run_dir / CLASSES_FILE)
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise RunDirError(f"{run_dir / CLASSES_FILE}: expected a JSON list of class names")
@@ -317,13 +359,7 @@ def load_classifier_run(run_dir: str | Path) -> ClassifierRun:
         model_config = ClassifierConfig.from_dict(config["model"])
     except (TypeError, ValueError) as error:
         raise RunDirError(f"{run_dir / CONFIG_FILE}: {error}") from None
-    model_path = run_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise RunDirError(f"{run_dir}: incomplete run directory, {MODEL_FILE} missing")
-    try:
-        model = keras.saving.load_model(model_path, compile=False)
-    except Exception as error:  # Keras raises many kinds for a damaged archive
-        raise RunDirError(f"{model_path}: cannot load the model ({type(error).__name__}: {str(error)[:120]})") from None
+    model = _load_model(run_dir)
     if not len(classes) == model_config.num_classes == model.output.shape[-1]:
         raise RunDirError(
             f"{run_dir}: {CLASSES_FILE} has {len(classes)} classes, the model {model.output.shape[-1]}, "

@@ -1,7 +1,7 @@
 """Fine-tuning the top of an EfficientNet-Lite encoder together with the dense classifier head.
 
 The encoder is split before its last N MBConv blocks (`features.encoders.build_encoder_split`). The
-bottom runs once over every image and its activations are cached (`features.activations`); the
+bottom runs once over every image and its activations are cached (`classifier.activations`); the
 model trained here reads those activations:
 
     activations (H, W, C) -> last N blocks + 1x1 head conv (ImageNet weights, BatchNorm frozen)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from models.classifier import ClassifierConfig, ClassifierError, build_classifier
+from classifier.model import ClassifierConfig, ClassifierError, build_classifier
 
 
 def freeze_batch_norm(model: keras.Model) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import auc, classification_report, confusion_matrix, roc_curve
 
-from features.augment import augment_pixels, augmented_id, augmented_sources
-from models.classifier import (
+from classifier.augment import augment_pixels, augmented_id, augmented_sources
+from classifier.classes import ClassFolder, ClassFolderError, load_class_folder
+from classifier.model import (
     FLIP,
     ClassifierRun,
     augmented_store_path,
@@ -24,7 +25,6 @@ from models.classifier import (
     prepare_inputs,
 )
 from models.rundir import write_json
-from pipeline.classes import ClassFolderError, load_class_folder
 
 CONFUSION_FILE, ROC_FILE = "confusion_matrix.png", "roc.png"
 
@@ -66,50 +66,74 @@ def evaluate_classifier(
     are encoded once into the augmented store beside the feature store (`augmented_store_path`).
     """
     run = load_classifier_run(run_dir)
-    config = run.model_config
     folder = load_class_folder(data_dir, run.classes)
-    own_folder = Path(data_dir).resolve() == Path(run.config.get("data", "")).resolve()
-    subset = "validation" if own_folder and not all_images else "all"
-    missing: list[str] = []
-    if subset == "validation":
-        wanted = run.split()["validation"]
-        missing = [i for i in wanted if i not in folder.sources]
-        ids = [i for i in wanted if i in folder.sources]
-        store_path = Path(features or run.config["features"])
-    else:
-        ids = sorted(folder.sources)
-        store_path = Path(features) if features else default_store_path(data_dir, run.config["encoder"])
-    if not ids:
-        raise ClassFolderError(f"{data_dir}: none of the images to evaluate is there")
+    subset, ids, missing, store_path = images_to_score(run, folder, data_dir, features, all_images)
     encoder, weights = run.config["encoder"], run.config.get("weights", "imagenet")
-    inputs = prepare_inputs({i: folder.sources[i] for i in ids}, store_path, encoder, weights, config, progress)
+    inputs = prepare_inputs(
+        {i: folder.sources[i] for i in ids}, store_path, encoder, weights, run.model_config, progress
+    )
     ids = [i for i in ids if i in inputs.available]
     if not ids:
         raise ClassFolderError(f"{data_dir}: no image to evaluate could be read")
     probabilities = predict_probabilities(run.model, inputs.read(ids))
     if flip:
-        mirrors = prepare_inputs(
-            augmented_sources({i: folder.sources[i] for i in ids}, [FLIP]),
-            augmented_store_path(store_path),
-            encoder,
-            weights,
-            config,
-            progress,
-            augment=augment_pixels,
-        )
-        mirrored = predict_probabilities(run.model, mirrors.read([augmented_id(i, FLIP) for i in ids]))
-        probabilities = (probabilities + mirrored) / 2
+        probabilities = (probabilities + mirror_probabilities(run, folder.sources, ids, store_path, progress)) / 2
     labels = np.array([folder.labels[i] for i in ids])
     evaluation = score(run, labels, probabilities)
     evaluation.data, evaluation.subset = str(data_dir), subset
     evaluation.missing, evaluation.unreadable, evaluation.flip = missing, sorted(inputs.failed), flip
     if plots_dir is not None:
-        plots_dir = Path(plots_dir)
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        plot_confusion(np.array(evaluation.confusion), run.classes, plots_dir / CONFUSION_FILE)
-        plot_roc(labels, probabilities, run.classes, plots_dir / ROC_FILE)
-        evaluation.plots = {"confusion_matrix": str(plots_dir / CONFUSION_FILE), "roc": str(plots_dir / ROC_FILE)}
+        evaluation.plots = draw_plots(evaluation, labels, probabilities, Path(plots_dir))
     return evaluation
+
+
+def images_to_score(
+    run: ClassifierRun, folder: ClassFolder, data_dir: str | Path, features: str | Path | None, all_images: bool
+) -> tuple[str, list[str], list[str], Path]:
+    """Return (subset, image ids, validation ids gone from the folder, feature store) of an evaluation.
+
+    On the folder the run was trained on: its validation split and its own store, unless `all_images`;
+    on another folder: every image, in a store of that folder.
+    """
+    own_folder = Path(data_dir).resolve() == Path(run.config.get("data", "")).resolve()
+    if own_folder and not all_images:
+        wanted = run.split()["validation"]
+        ids = [i for i in wanted if i in folder.sources]
+        missing = [i for i in wanted if i not in folder.sources]
+        subset, store_path = "validation", Path(features or run.config["features"])
+    else:
+        ids, missing = sorted(folder.sources), []
+        subset = "all"
+        store_path = Path(features) if features else default_store_path(data_dir, run.config["encoder"])
+    if not ids:
+        raise ClassFolderError(f"{data_dir}: none of the images to evaluate is there")
+    return subset, ids, missing, store_path
+
+
+def mirror_probabilities(
+    run: ClassifierRun, sources: dict[str, Path], ids: list[str], store_path: Path, progress: bool
+) -> np.ndarray:
+    """Return the probabilities of the mirror images of `ids`, encoded once into the augmented store."""
+    mirrors = prepare_inputs(
+        augmented_sources({i: sources[i] for i in ids}, [FLIP]),
+        augmented_store_path(store_path),
+        run.config["encoder"],
+        run.config.get("weights", "imagenet"),
+        run.model_config,
+        progress,
+        augment=augment_pixels,
+    )
+    return predict_probabilities(run.model, mirrors.read([augmented_id(i, FLIP) for i in ids]))
+
+
+def draw_plots(
+    evaluation: ClassifierEvaluation, labels: np.ndarray, probabilities: np.ndarray, plots_dir: Path
+) -> dict[str, str]:
+    """Draw the confusion matrix and the ROC curves into `plots_dir`; return {plot: path}."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion(np.array(evaluation.confusion), evaluation.classes, plots_dir / CONFUSION_FILE)
+    plot_roc(labels, probabilities, evaluation.classes, plots_dir / ROC_FILE)
+    return {"confusion_matrix": str(plots_dir / CONFUSION_FILE), "roc": str(plots_dir / ROC_FILE)}
 
 
 def score(run: ClassifierRun, labels: np.ndarray, probabilities: np.ndarray) -> ClassifierEvaluation:
