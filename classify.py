@@ -31,7 +31,9 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from cli import clean_errors, fail
+from cli import clean_errors, fail, import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any Keras module: TensorFlow logs through C++ as it loads
 
 T = TypeVar("T")
 

@@ -1,4 +1,9 @@
-"""What the command-line scripts share: quiet TensorFlow start-up, one-line errors, decoding flags."""
+"""What the command-line scripts share: quiet TensorFlow start-up, one-line errors, decoding and runtime flags.
+
+Importing this module does not import TensorFlow: a script that uses Keras calls
+`import_tensorflow_quietly()` first, and infer.py and serve.py only when they load the Keras runtime,
+so that the LiteRT runtime starts without it.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,34 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with stderr silenced: it logs through C++ before any Python setting applies."""
-    if "tensorflow" in sys.modules:
-        return
+@contextmanager
+def native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the block: TensorFlow logs through C++, past any Python setting."""
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
     os.dup2(devnull, 2)
     try:
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # the CUDA probe logs here on machines without a GPU
+        yield
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr silenced: it logs through C++ before any Python setting applies."""
+    if sys.modules.get("tensorflow") is not None:
+        return
+    with native_stderr_silenced():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe logs here on machines without a GPU
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -95,4 +110,74 @@ def decoding_options(args: argparse.Namespace):
     return DecodingOptions(args.beam, args.max_length, args.length_penalty, args.no_repeat_ngram)
 
 
-import_tensorflow_quietly()
+def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
+    """Add --runtime auto|keras|litert (infer.py, serve.py); its choices come from `models.runtimes.RUNTIMES`."""
+    from models.runtimes import AUTO, RUNTIMES
+
+    parser.add_argument(
+        "--runtime",
+        choices=[AUTO, *RUNTIMES],
+        default=AUTO,
+        help="litert: the run's export (export.py), without TensorFlow; keras: the trained models; "
+        "auto (default): litert when every --model has a current export",
+    )
+
+
+def captioner_class(paths: list[Path], runtime: str, encoder_weights: str | None = None, keras_for: str | None = None):
+    """Return the captioner class (`load(paths, encoder_weights)`, `errors`) of the runtime that `runtime`
+    picks for `paths` (see `models.runtimes.choose_runtime`). TensorFlow is imported, quietly, only for
+    the Keras runtime; a warning (an export older than its run) is one line on stderr."""
+    from models.litert import ExportError
+    from models.runtimes import choose_runtime, runtime_class
+
+    keras_for = keras_for or ("--encoder-weights" if encoder_weights else None)
+    with clean_errors(ExportError):  # a malformed export.json
+        chosen, warning = choose_runtime(paths, runtime, keras_for)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    if chosen == "keras":
+        try:
+            import_tensorflow_quietly()
+        except ImportError:  # a LiteRT-only install (requirements-lite.txt)
+            why = (
+                "--runtime keras" if runtime == "keras" else f"{', '.join(map(str, paths))} (no current LiteRT export)"
+            )
+            fail(f"{why} needs TensorFlow: pip install -r requirements.txt (export.py makes a LiteRT export)")
+    return runtime_class(chosen)
+
+
+def captioning_errors(runtime, classifier: bool = False) -> tuple[type[Exception], ...]:
+    """Return the errors a captioning script shows as one line: a run directory's, the runtime's
+    (`captioner_class(...).errors`), and with a classifier (always Keras) the encoder's."""
+    from models.rundir import RunDirError
+
+    if not classifier:
+        return (RunDirError, *runtime.errors)
+    import_tensorflow_quietly()
+    from features.encoders import EncoderError
+
+    return (RunDirError, EncoderError, *runtime.errors)
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that say how to read a caption dataset (`pipeline.datasets.DatasetOptions`):
+    --images, --no-restval. train.py, evaluate.py and extract_features.py share them."""
+    group = parser.add_argument_group("dataset")
+    group.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help="image root of a Karpathy or COCO caption file (default: beside the file; COCO: above annotations/)",
+    )
+    group.add_argument(
+        "--no-restval",
+        action="store_true",
+        help="Karpathy split: keep the restval images out of train (by default they train, as in Karpathy's split)",
+    )
+
+
+def dataset_options(args: argparse.Namespace):
+    """Return the `pipeline.datasets.DatasetOptions` of flags added by `add_dataset_arguments`."""
+    from pipeline.datasets import DatasetOptions
+
+    return DatasetOptions(images=args.images, restval_in_train=not args.no_restval)

@@ -11,7 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import add_decoding_arguments, clean_errors, decoding_options
+from cli import (
+    add_dataset_arguments,
+    add_decoding_arguments,
+    clean_errors,
+    dataset_options,
+    decoding_options,
+    import_tensorflow_quietly,
+)
+
+import_tensorflow_quietly()  # before any Keras module: TensorFlow logs through C++ as it loads
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
 
@@ -26,11 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="run or ensemble directory (default: the shipped model); repeat it to score several runs as an ensemble",
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="caption dataset (a Flickr8k folder)")
-    parser.add_argument("--split", default="dev", help="a split of the dataset (Flickr8k: train, dev, test)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="caption dataset (Flickr8k folder, Karpathy JSON, COCO JSON)"
+    )
+    parser.add_argument(
+        "--split", default="dev", help="a split of the dataset: train, dev, test (Karpathy also val = dev, restval)"
+    )
+    add_dataset_arguments(parser)
     add_decoding_arguments(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
-    parser.add_argument("--features", type=Path, help="feature store to reuse instead of encoding the images")
+    parser.add_argument("--features", type=Path, help="feature store (pickle or shards) to reuse instead of encoding")
     parser.add_argument("--json", type=Path, help="write the full report (metrics, counts, captions) here")
     parser.add_argument("--samples", type=Path, help="write a PNG grid of sample captions here")
     args = parser.parse_args(argv)
@@ -53,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = decoding_options(args)
     with clean_errors(RunDirError, EncoderError, CaptionFileError, MetricsError, FeatureStoreError):
-        dataset = open_dataset(args.data)
+        dataset = open_dataset(args.data, dataset_options(args))
         captioner = Captioner.load(args.model)
         report = evaluate_captions(captioner, dataset, args.split, options, args.limit, args.features)
     counts = report.counts

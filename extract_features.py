@@ -2,6 +2,8 @@
 
 python extract_features.py                       # Flickr8k in ../shared, efficientnet_lite0
 python extract_features.py --data DIR --encoder vgg16 --weights vgg16.h5 --spatial
+python extract_features.py --data dataset_coco.json --images coco/ --store shards   # a folder of shards
+python extract_features.py --convert features/store/flickr8k_efficientnet_lite0.pkl --out flickr8k_shards
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import clean_errors, fail
+from cli import add_dataset_arguments, clean_errors, dataset_options, fail, import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any Keras module: TensorFlow logs through C++ as it loads
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
 
@@ -24,11 +28,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data",
         type=Path,
         default=DEFAULT_DATA,
-        help="Flickr8k-style folder (Images/ + caption file) or any folder of images",
+        help="caption dataset (Flickr8k folder, Karpathy or COCO JSON) or any folder of images",
     )
+    add_dataset_arguments(parser)
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, choices=sorted(ENCODERS))
     parser.add_argument("--weights", default="imagenet", help="imagenet | PATH to a Keras weights file | none")
-    parser.add_argument("--out", type=Path, help="feature store (default features/store/<data>_<encoder>.pkl)")
+    parser.add_argument(
+        "--out", type=Path, help="feature store (default features/store/<data>_<encoder>[.pkl]: a folder for shards)"
+    )
+    parser.add_argument(
+        "--store",
+        default="auto",
+        choices=["auto", "pickle", "shards"],
+        help="pickle: one file; shards: a folder of TFRecord shards, streamed by training (auto: from --out, "
+        "else pickle up to 20k images)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (at least one shard a worker)")
+    parser.add_argument("--convert", type=Path, metavar="STORE", help="convert this store (pickle <-> shards) to --out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--spatial", action="store_true", help="also store spatial maps (HDF5) for attention")
     parser.add_argument("--flush-every", type=int, default=512, help="images per atomic store update")
@@ -37,24 +53,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels (default 50M)"
     )
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.flush_every < 1:
-        parser.error("--batch-size and --flush-every must be positive")
+    if args.batch_size < 1 or args.flush_every < 1 or args.shard_size < 1:
+        parser.error("--batch-size, --flush-every and --shard-size must be positive")
+    if args.convert is not None and args.out is None:
+        parser.error("--convert needs --out (a .pkl file for a pickle store, a folder for shards)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from features.encoders import EncoderError
-    from features.extract import extract_features
+    from features.extract import choose_store_format, extract_features
     from features.images import set_max_pixels
     from features.store import FeatureStoreError
     from pipeline.captions import CaptionFileError
     from pipeline.datasets import image_sources
 
+    if args.convert is not None:
+        return convert(args.convert, args.out, args.shard_size)
     set_max_pixels(args.max_pixels)
     with clean_errors(EncoderError, FeatureStoreError, CaptionFileError, OSError):
-        sources, missing = image_sources(args.data)
-        out = args.out or Path("features") / "store" / f"{args.data.name}_{args.encoder}.pkl"
+        sources, missing = image_sources(args.data, dataset_options(args))
+        store_format = choose_store_format(args.out, args.store, len(sources))
+        out = args.out or default_out(args.data, args.encoder, store_format)
         report = extract_features(
             sources,
             out,
@@ -64,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             args.spatial,
             args.flush_every,
             progress=not args.no_progress,
+            store_format=store_format,
+            shard_size=args.shard_size,
         )
     print(
         f"{out}: {report.extracted} extracted ({report.images_per_second:.1f} images/s), "
@@ -76,6 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ... and {len(report.failed) - 20} more unreadable", file=sys.stderr)
     if report.extracted == 0 and report.already_present == 0:
         fail(f"no image in {args.data} could be extracted", 1)
+    return 0
+
+
+def default_out(data: Path, encoder: str, store_format: str) -> Path:
+    """Return features/store/<data>_<encoder>, with .pkl for a pickle store (a folder for shards)."""
+    name = data.stem if data.is_file() else data.name
+    return Path("features") / "store" / f"{name}_{encoder}{'.pkl' if store_format == 'pickle' else ''}"
+
+
+def convert(source: Path, out: Path, shard_size: int) -> int:
+    """Convert the store at `source` into the other kind at `out`; print what was written."""
+    from features.shards import convert_store
+    from features.store import FeatureStoreError
+
+    with clean_errors(FeatureStoreError, OSError):
+        converted = convert_store(source, out, shard_size)
+    kind = "pickle store" if converted.in_memory else f"sharded store ({len(converted.shards)} shards)"
+    print(f"{out}: {len(converted.image_ids())} images converted from {source} into a {kind}")
     return 0
 
 

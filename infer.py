@@ -3,6 +3,9 @@
 python infer.py photo.jpg [more.jpg ...] [--model RUN_DIR] [--beam 3] [--json] [--classifier RUN_DIR]
 python infer.py photo.jpg --model runs/a --model runs/b            # two runs decoded as an ensemble
 python infer.py photo.jpg --model runs/attention --attention-map out.png   # one panel per word
+
+A run with a LiteRT export (python export.py RUN_DIR) is captioned with it, without TensorFlow, unless
+--runtime keras (or --attention-map, --encoder-weights) asks for the Keras models.
 """
 
 from __future__ import annotations
@@ -12,7 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from cli import add_decoding_arguments, clean_errors, decoding_options
+from cli import (
+    add_decoding_arguments,
+    add_runtime_argument,
+    captioner_class,
+    captioning_errors,
+    clean_errors,
+    decoding_options,
+    native_stderr_silenced,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"run or ensemble directory (default {DEFAULT_RUN.name}); repeat it to decode several runs as an ensemble",
     )
     add_decoding_arguments(parser)
+    add_runtime_argument(parser)
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument(
@@ -53,14 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = decoding_options(args)
-    from features.encoders import EncoderError
     from features.images import set_max_pixels
-    from models.captioner import Captioner
-    from models.rundir import RunDirError
 
     set_max_pixels(args.max_pixels)
-    with clean_errors(RunDirError, EncoderError):
-        captioner = Captioner.load(args.model, args.encoder_weights)
+    keras_for = "--attention-map" if args.attention_map else None
+    runtime = captioner_class(args.model, args.runtime, args.encoder_weights, keras_for)
+    with clean_errors(*captioning_errors(runtime, classifier=args.classifier is not None)):
+        with native_stderr_silenced():  # LiteRT and TensorFlow log through C++ as they load models
+            captioner = runtime.load(args.model, args.encoder_weights)
         classifier = None
         if args.classifier:  # loaded before any captioning, so a bad run directory fails at once
             from classifier.model import load_classifier_run

@@ -12,7 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import add_decoding_arguments, clean_errors, decoding_options, fail
+from cli import (
+    add_decoding_arguments,
+    add_runtime_argument,
+    captioner_class,
+    captioning_errors,
+    clean_errors,
+    decoding_options,
+    fail,
+    native_stderr_silenced,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=32, help="most images in one batch (default 32)")
     parser.add_argument("--no-batching", action="store_true", help="caption each request on its own")
     add_decoding_arguments(parser)
+    add_runtime_argument(parser)
     add_limit_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_batch < 1:
@@ -119,18 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from features.encoders import EncoderError
     from features.images import set_max_pixels
-    from models.captioner import Captioner
-    from models.rundir import RunDirError
     from web.app import create_app
     from web.limits import uvicorn_config
 
     set_max_pixels(args.max_pixels)  # process-wide: the classifier hook decodes with the same budget
 
-    with clean_errors(RunDirError, EncoderError):
-        captioner = Captioner.load(args.model, args.encoder_weights)
-        captioner.encoder  # noqa: B018  (build it now: a missing weights file fails here, not on the first upload)
+    runtime = captioner_class([args.model], args.runtime, args.encoder_weights)
+    with clean_errors(*captioning_errors(runtime, classifier=args.classifier is not None)):
+        with native_stderr_silenced():  # LiteRT and TensorFlow log through C++ as they load models
+            captioner = runtime.load(args.model, args.encoder_weights)
+            captioner.load_encoder()  # now: a missing weights file fails here, not on the first upload
         classify = load_classify(args.classifier) if args.classifier else None
     app = create_app(
         captioner,
@@ -143,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         decode_workers=args.decode_workers,
         limits=args.limits,
     )
-    print(f"captioning with {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    print(
+        f"captioning with {args.model} ({captioner.device}) on http://{args.host}:{args.port}/ (API docs at /docs)",
+        flush=True,
+    )
     uvicorn.Server(uvicorn_config(app, args.host, args.port, args.limits)).run()
     return 0
 

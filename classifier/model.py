@@ -32,7 +32,7 @@ from classifier.augment import AUGMENTATIONS
 from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
 from features.extract import ExtractionReport, extract_features
 from features.images import ImageDecodeError, load_image
-from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
+from features.store import FeatureStore, FeatureStoreError, SpatialMaps, open_feature_store, spatial_path
 from models.rundir import CONFIG_FILE, MODEL_FILE, RunDirError, write_json
 
 TASK = "image-classifier"
@@ -193,7 +193,7 @@ def ensure_features(
     keeps whatever it was made with.
     """
     store_path = Path(store_path)
-    spatial = FeatureStore.load(store_path).metadata.get("spatial", False) if store_path.exists() else True
+    spatial = open_feature_store(store_path).metadata.get("spatial", False) if store_path.exists() else True
     if needs_spatial and not spatial:
         raise ClassifierError(
             f"{store_path}: this feature store has no spatial maps, which the gru head reads; "
@@ -202,13 +202,16 @@ def ensure_features(
     report = extract_features(
         sources, store_path, encoder, weights, batch_size, spatial=spatial, progress=progress, augment=augment
     )
-    return FeatureStore.load(store_path), report
+    return open_feature_store(store_path), report
 
 
 def head_inputs(store: FeatureStore, store_path: str | Path, ids: list[str], needs_spatial: bool) -> np.ndarray:
-    """Return what the head reads for `ids`: pooled vectors (float32), or spatial maps (float16)."""
+    """Return what the head reads for `ids`: pooled vectors (float32), or spatial maps (float16).
+    `store`: either kind of feature store (a sharded one is read in one pass over its shards)."""
     if not needs_spatial:
         return store.matrix(ids)
+    if not store.in_memory:
+        return store.maps(ids).astype(np.float16)
     maps = SpatialMaps(spatial_path(store_path))
     try:
         missing = [i for i in ids if i not in maps.index]
@@ -268,7 +271,7 @@ def prepare_inputs(
     )
     return HeadInputs(
         Path(store_path),
-        set(store.features),
+        store.image_ids(),
         report.failed,
         lambda ids: head_inputs(store, store_path, ids, config.needs_spatial),
     )

@@ -1,7 +1,8 @@
 """The extraction loop: decode images in parallel, encode them in batches, flush to the store.
 
-Resumable (ids already in the store are skipped) and interrupt-safe (the store is replaced
-atomically after each chunk, so a kill loses at most the chunk in progress).
+Resumable (ids already in the store are skipped) and interrupt-safe: a pickle store is replaced
+atomically after each chunk, a sharded store gains one finished shard at a time, so a kill loses at
+most the chunk or shard in progress.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from features.encoders import build_encoder, get_encoder_spec
 from features.images import ImageDecodeError, load_image
+from features.shards import DEFAULT_SHARD_SIZE, ShardWriter, is_sharded_store
 from features.store import (
     FeatureStore,
     FeatureStoreError,
@@ -27,6 +29,9 @@ from features.store import (
     spatial_path,
     write_spatial_shard,
 )
+
+STORE_FORMATS = ("auto", "pickle", "shards")
+PICKLE_MAX_IMAGES = 20_000  # `auto`: a pickle store up to this many images (rewritten whole per flush), shards above
 
 
 @dataclass
@@ -139,22 +144,26 @@ def extract_features(
     workers: int | None = None,
     progress: bool = True,
     augment: Augment | None = None,
+    store_format: str = "auto",
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> ExtractionReport:
     """Encode every image in `sources` ({image_id: path}) not yet in the store at `out`.
 
     `augment(image_id, pixels)`, if given, transforms each decoded image before encoding (training-time
-    variants named in the id, such as the classifier's augmentations).
+    variants named in the id, such as the classifier's augmentations). `store_format` "auto" writes a
+    sharded store (`shard_size` images a shard) when `out` is a folder or has no suffix, else a pickle.
     """
     out = Path(out)
     spec = get_encoder_spec(encoder)
-    store = open_store(out, {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial})
+    metadata = {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial}
+    writer = open_writer(out, metadata, choose_store_format(out, store_format, len(sources)), flush_every, shard_size)
     report = ExtractionReport(out)
-    todo = [(image_id, Path(path)) for image_id, path in sorted(sources.items()) if image_id not in store.features]
+    done = writer.done
+    todo = [(image_id, Path(path)) for image_id, path in sorted(sources.items()) if image_id not in done]
     report.already_present = len(sources) - len(todo)
     if not todo:
         return report
     model = build_encoder(encoder, weights, spatial=spatial)
-    writer = _StoreWriter(store, out, spatial, flush_every)
     started = time.perf_counter()
     batches = encoded_batches(
         model, spec, todo, batch_size, workers or os.cpu_count() or 2, report, progress, f"extract {encoder}", augment
@@ -162,15 +171,37 @@ def extract_features(
     try:
         with closing(batches):
             for ids, outputs in batches:
-                writer.add(ids, outputs)
+                writer.add(ids, outputs[0], outputs[1] if spatial else None)
     except KeyboardInterrupt:
         writer.flush()  # keep the finished work; the caller reports the interruption
         raise
-    writer.flush()
+    writer.finish()
     report.seconds = time.perf_counter() - started
-    if spatial:
-        merge_spatial_shards(spatial_path(out), writer.shard_folder, set(store.features))
     return report
+
+
+def choose_store_format(out: Path | None, requested: str, images: int) -> str:
+    """Return "pickle" or "shards": as asked, else from `out` (a folder or no suffix: shards), else by size."""
+    if requested not in STORE_FORMATS:
+        raise FeatureStoreError(f"unknown store format {requested!r}; choose one of {', '.join(STORE_FORMATS)}")
+    if requested != "auto":
+        return requested
+    if out is not None:
+        return "shards" if is_sharded_store(out) else "pickle"
+    return "pickle" if images <= PICKLE_MAX_IMAGES else "shards"
+
+
+def open_writer(out: Path, metadata: dict, store_format: str, flush_every: int, shard_size: int):
+    """Return what adds encoded images to the store at `out`: `done` (ids there), `add`, `flush`, `finish`."""
+    if store_format == "shards":
+        if out.is_file():
+            raise FeatureStoreError(f"{out}: a pickle store is there; --store shards needs a folder (another --out)")
+        return ShardWriter(out, metadata, shard_size)
+    if out.is_dir():
+        raise FeatureStoreError(
+            f"{out}: a folder is there; a pickle store is a file (another --out, or --store shards)"
+        )
+    return _StoreWriter(open_store(out, metadata), out, bool(metadata["spatial"]), flush_every)
 
 
 def open_store(out: Path, metadata: dict) -> FeatureStore:
@@ -196,14 +227,23 @@ class _StoreWriter:
         self.pending_ids: list[str] = []
         self.pending_maps: list[np.ndarray] = []
 
-    def add(self, ids: list[str], outputs: list[np.ndarray]) -> None:
-        for image_id, vector in zip(ids, outputs[0].astype(np.float32), strict=True):
+    @property
+    def done(self) -> set[str]:
+        return set(self.store.features)
+
+    def add(self, ids: list[str], vectors: np.ndarray, maps: np.ndarray | None = None) -> None:
+        for image_id, vector in zip(ids, vectors.astype(np.float32), strict=True):
             self.store.features[image_id] = vector
             self.pending_ids.append(image_id)
         if self.spatial:
-            self.pending_maps.append(outputs[1].astype(np.float16))
+            self.pending_maps.append(maps.astype(np.float16))
         if len(self.pending_ids) >= self.flush_every:
             self.flush()
+
+    def finish(self) -> None:
+        self.flush()
+        if self.spatial:
+            merge_spatial_shards(spatial_path(self.out), self.shard_folder, set(self.store.features))
 
     def flush(self) -> None:
         if not self.pending_ids:

@@ -1,7 +1,13 @@
 """The feature store: a pickle of {image_id: float32 vector} plus metadata, loaded safely.
 
 Spatial maps (for attention decoders) live in an HDF5 file beside the store, float16, with
-datasets `ids` (N,) and `maps` (N, H, W, C).
+datasets `ids` (N,) and `maps` (N, H, W, C). h5py is imported only where maps are read or written:
+the vocabulary and run files use this module's JSON helpers in the LiteRT runtime, which has no h5py.
+
+Stores too big to hold in memory are sharded (`features.shards`); `open_feature_store` opens either,
+and both answer the same questions: `metadata`, `dim`, `encoder`, `spatial_shape`,
+`image_ids(spatial)`, `matrix(ids)`, `maps(ids)`, `chunks(ids, size, spatial, shuffle_seed)`, `close()`;
+`in_memory` tells a trainer whether to index arrays or to stream.
 """
 
 from __future__ import annotations
@@ -10,10 +16,10 @@ import io
 import json
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 FORMAT_NAME = "captioning-feature-store"
@@ -94,10 +100,14 @@ def read_versioned_json(
 
 @dataclass
 class FeatureStore:
-    """Pooled image vectors by image id, and what made them."""
+    """Pooled image vectors by image id, and what made them; spatial maps from the HDF5 file beside it."""
 
     metadata: dict
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    path: Path | None = None  # where it was loaded from: its spatial maps are beside it
+    _spatial: SpatialMaps | None = field(default=None, init=False, repr=False, compare=False)
+
+    in_memory = True
 
     @property
     def dim(self) -> int:
@@ -110,6 +120,54 @@ class FeatureStore:
     def matrix(self, ids: list[str]) -> np.ndarray:
         """Return the vectors of `ids` stacked as a float32 (len(ids), dim) array."""
         return np.stack([self.features[i] for i in ids]).astype(np.float32, copy=False)
+
+    def spatial_maps(self) -> SpatialMaps:
+        """Return the spatial maps beside the store (opened once), checked against its encoder."""
+        if self._spatial is None:
+            if self.path is None:
+                raise FeatureStoreError("an unsaved feature store has no spatial maps")
+            maps = SpatialMaps(spatial_path(self.path))
+            expected = self.metadata.get("spatial_shape")
+            if expected is not None and tuple(expected) != maps.shape:
+                maps.close()
+                raise FeatureStoreError(
+                    f"{maps.path}: maps of shape {maps.shape}, but {self.encoder} gives {tuple(expected)}"
+                )
+            self._spatial = maps
+        return self._spatial
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...] | None:
+        """Return the maps' (H, W, C), or None when there is no map file beside the store."""
+        if self.path is None or not spatial_path(self.path).is_file():
+            return None
+        return self.spatial_maps().shape
+
+    def require_spatial(self) -> None:
+        """Raise FeatureStoreError unless spatial maps of this store's encoder are beside it."""
+        self.spatial_maps()
+
+    def image_ids(self, spatial: bool = False) -> set[str]:
+        """Return the ids that have a vector (and a spatial map, when `spatial`)."""
+        return set(self.features) & set(self.spatial_maps().index) if spatial else set(self.features)
+
+    def maps(self, ids: list[str]) -> np.ndarray:
+        """Return the spatial maps of `ids` as float32 (len(ids), H, W, C)."""
+        return self.spatial_maps().get(ids)
+
+    def chunks(
+        self, ids: list[str], size: int, spatial: bool = False, shuffle_seed: int | None = None
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yield (ids, float32 vectors or maps) for `ids`, `size` at a time, in the order given (a store in
+        memory has no order of its own; `shuffle_seed` is for streaming stores and changes nothing here)."""
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            yield chunk, self.maps(chunk) if spatial else self.matrix(chunk)
+
+    def close(self) -> None:
+        if self._spatial is not None:
+            self._spatial.close()
+            self._spatial = None
 
     def save(self, path: str | Path) -> None:
         """Write the store atomically."""
@@ -144,7 +202,7 @@ class FeatureStore:
         for image_id, vector in features.items():
             if not (isinstance(image_id, str) and isinstance(vector, np.ndarray) and vector.shape == (dim,)):
                 raise FeatureStoreError(f"{path}: entry {image_id!r:.60} is not a {dim}-d vector")
-        return cls(metadata, features)
+        return cls(metadata, features, path)
 
 
 def spatial_path(store_path: str | Path) -> Path:
@@ -155,6 +213,8 @@ def spatial_path(store_path: str | Path) -> Path:
 
 def write_spatial_shard(path: Path, ids: list[str], maps: np.ndarray) -> None:
     """Write one chunk of spatial maps to its own HDF5 file atomically."""
+    import h5py
+
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -179,6 +239,8 @@ def merge_spatial_shards(target: Path, shard_folder: Path, keep_ids: set[str]) -
 
 def merge_spatial(target: Path, sources: list[Path], keep_ids: set[str]) -> None:
     """Combine HDF5 map files into `target` (atomically), keeping the first copy of each id in keep_ids."""
+    import h5py
+
     seen: dict[str, tuple[Path, int]] = {}
     shape = None
     for source in sources:
@@ -213,6 +275,8 @@ class SpatialMaps:
     """Read access to a spatial-map HDF5 file by image id."""
 
     def __init__(self, path: str | Path):
+        import h5py
+
         self.path = Path(path)
         if not self.path.is_file():
             raise FeatureStoreError(f"{self.path}: no spatial maps (run extract_features.py --spatial)")
@@ -233,3 +297,14 @@ class SpatialMaps:
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_feature_store(path: str | Path):
+    """Return the feature store at `path`: a sharded store (a folder) or a pickle store (a file).
+
+    Both answer the questions listed in this module's docstring; `FeatureStoreError` if neither is there.
+    """
+    from features.shards import ShardedStore
+
+    path = Path(path)
+    return ShardedStore.open(path) if path.is_dir() else FeatureStore.load(path)

@@ -1,36 +1,24 @@
-"""Captioning photos end to end: the run's encoder, then batched beam search with the run's decoder."""
+"""Captioning photos end to end with Keras: the run's encoder, then batched beam search with the run's decoder.
+
+What every runtime shares (beam search over a stepper, `caption_features`, `caption_files`, `Caption`)
+is `models.runtimes.CaptionerBase`; the LiteRT runtime is `models.litert.LiteCaptioner`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from features.encoders import build_encoder, get_encoder_spec
-from features.images import ImageDecodeError, load_image
+from features.encoders import EncoderError, build_encoder, get_encoder_spec
 from models.decoders import get_decoder
 from models.decoding import EnsembleStepper, PooledStepper
 from models.rundir import CaptionRun, RunDirError, load_runs
-from models.search import DecodingOptions, Hypothesis, SpecialTokens, beam_search
+from models.runtimes import Caption, CaptionerBase
+from models.search import SpecialTokens
 
 ENCODE_BATCH = 32
-
-
-@dataclass
-class Caption:
-    image: str
-    caption: str
-    beams: list[tuple[str, float]]  # (caption, summed log-probability), best first
-    # attention decoders, when asked: the weights over the (H, W) regions for each word of `caption`
-    attention: np.ndarray | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict:
-        return {
-            "image": self.image,
-            "caption": self.caption,
-            "beams": [{"caption": c, "log_prob": round(p, 4)} for c, p in self.beams],
-        }
+__all__ = ["Caption", "Captioner", "make_stepper"]
 
 
 def make_stepper(run: CaptionRun):
@@ -38,12 +26,14 @@ def make_stepper(run: CaptionRun):
     return get_decoder(run.model_config.decoder).stepper(run.model)
 
 
-class Captioner:
+class Captioner(CaptionerBase):
     """A loaded run (or an ensemble of runs) plus its encoder; captions images, pixel arrays or features.
 
     An ensemble's members must share the vocabulary, the encoder and its weights; they decode as one
     model whose next-word distribution is the mean of theirs (`EnsembleStepper`).
     """
+
+    errors = (RunDirError, EncoderError)  # what loading and captioning raise for bad input: one line in the CLIs
 
     def __init__(
         self,
@@ -68,13 +58,14 @@ class Captioner:
             self._check_member(member)
         self.encoder_weights = encoder_weights or run.config.get("weights", "imagenet")
         self._encoder = None
-        steppers = [
+        self.steppers = [  # one per member; export.py writes each as a LiteRT decoder
             PooledStepper(make_stepper(member))
             if self.reads_regions and not member.model_config.reads_regions
             else make_stepper(member)
             for member in self.runs
         ]
-        self.stepper = steppers[0] if len(steppers) == 1 else EnsembleStepper(steppers)
+        self.stepper = self.steppers[0] if len(self.steppers) == 1 else EnsembleStepper(self.steppers)
+        self.decoder = run.model_config.decoder
         self.max_caption_length = max(member.model_config.max_caption_length for member in self.runs)
         # what was loaded, for reports: the paths asked for (an ensemble directory is one name)
         self.name = name or " + ".join(str(member.path) for member in self.runs)
@@ -121,10 +112,20 @@ class Captioner:
         return {"ensemble": [{"path": str(member.path), **member.config} for member in self.runs]}
 
     @property
+    def device(self) -> str:
+        """Where the models run, for reports."""
+        from models.training import describe_device
+
+        return f"Keras on {describe_device()}"
+
+    @property
     def encoder(self):
         if self._encoder is None:  # built on first use: captioning from stored features needs none
             self._encoder = build_encoder(self.spec.name, self.encoder_weights, spatial=self.reads_regions)
         return self._encoder
+
+    def load_encoder(self) -> None:
+        self.encoder  # noqa: B018  (the property builds it)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -145,35 +146,6 @@ class Captioner:
             out.append(np.asarray(features)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
 
-    def decode(self, features: np.ndarray, options: DecodingOptions | None = None) -> list[list[Hypothesis]]:
-        """Return the beam hypotheses for each image's features (default options: `DecodingOptions()`)."""
-        options = (options or DecodingOptions()).with_max_length(self.max_caption_length)
-        return beam_search(self.stepper, features, options, self.tokens)
-
-    def caption_features(
-        self,
-        names: list[str],
-        features: np.ndarray,
-        options: DecodingOptions | None = None,
-        attention: bool = False,
-    ) -> list[Caption]:
-        """Return the captions of precomputed features; with `attention`, each word's attention weights."""
-        if attention:
-            self._check_attention()
-        decoded = self.decode(features, options)
-        results = []
-        for name, hypotheses in zip(names, decoded, strict=True):
-            beams = [(" ".join(self.vocabulary.decode(h.tokens)), h.log_prob) for h in hypotheses]
-            results.append(Caption(name, beams[0][0], beams))
-        if attention:
-            best = [hypotheses[0].tokens for hypotheses in decoded]
-            height, width = self.spec.spatial_shape[:2]
-            weights = self.stepper.attention_weights(features, best, self.tokens.start)
-            for result, image_weights in zip(results, weights, strict=True):
-                words = len(result.caption.split())  # the weights of <end> are left out
-                result.attention = image_weights[:words].reshape(words, height, width)
-        return results
-
     def _check_attention(self) -> None:
         if not hasattr(self.stepper, "attention_weights"):
             what = (
@@ -184,18 +156,3 @@ class Captioner:
             raise RunDirError(
                 f"{self.run.path}: {what} no attention weights to show; use a single run trained with --decoder attention"
             )
-
-    def caption_files(
-        self, paths: list[str | Path], options: DecodingOptions | None = None, attention: bool = False
-    ) -> tuple[list[Caption], dict[str, str]]:
-        """Return (captions of the readable images, {path: reason} for the unreadable ones)."""
-        pixels, names, errors = [], [], {}
-        for path in paths:
-            try:
-                pixels.append(load_image(path, self.spec.input_size))
-                names.append(str(path))
-            except ImageDecodeError as error:
-                errors[str(path)] = str(error)
-        if not pixels:
-            return [], errors
-        return self.caption_features(names, self.encode(np.stack(pixels)), options, attention), errors

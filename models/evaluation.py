@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from features.extract import decoded_batches
 from features.images import ImageDecodeError, load_image
-from features.store import FeatureStore, FeatureStoreError, SpatialMaps, spatial_path
+from features.store import FeatureStoreError, open_feature_store
 from models.captioner import Captioner
 from models.rundir import write_json
 from models.search import DecodingOptions
@@ -47,29 +48,31 @@ class EvaluationReport:
         }
 
 
-def stored_features(captioner: Captioner, features: str | Path, ids: list[str]) -> np.ndarray:
-    """Return the ids' features (vectors, or spatial maps for an attention decoder) from a feature store;
-    FeatureStoreError when the store cannot serve them (missing, unsafe, another encoder, ids absent)."""
-    store = FeatureStore.load(features)  # a missing, unreadable or unsafe file raises here
-    weights = store.metadata.get("weights")
-    if store.encoder != captioner.spec.name or weights != captioner.encoder_weights:
-        raise FeatureStoreError(
-            f"{features}: features of {store.encoder} ({weights}), but the model reads {captioner.spec.name} "
-            f"({captioner.encoder_weights}); leave --features out to encode the images"
-        )
-    missing = [i for i in ids if i not in store.features]
-    if not captioner.reads_regions:
+def stored_features(
+    captioner: Captioner, features: str | Path, ids: list[str], chunk: int = DECODE_CHUNK
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (ids, their features: vectors, or spatial maps for an attention decoder) from either kind of
+    feature store, `chunk` images at a time (in the store's order when it streams); FeatureStoreError,
+    before anything is yielded, when the store cannot serve them (missing, unsafe, another encoder, ids
+    absent)."""
+    store = open_feature_store(features)  # a missing, unreadable or unsafe store raises here
+    try:
+        weights = store.metadata.get("weights")
+        if store.encoder != captioner.spec.name or weights != captioner.encoder_weights:
+            raise FeatureStoreError(
+                f"{features}: features of {store.encoder} ({weights}), but the model reads {captioner.spec.name} "
+                f"({captioner.encoder_weights}); leave --features out to encode the images"
+            )
+        held = store.image_ids()
+        missing = [i for i in ids if i not in held]
+        if not missing and captioner.reads_regions:
+            held = store.image_ids(spatial=True)
+            missing = [i for i in ids if i not in held]
         if missing:
             raise FeatureStoreError(_missing_message(features, missing, len(ids)))
-        return store.matrix(ids)
-    maps = SpatialMaps(spatial_path(features))
-    try:
-        missing = [i for i in ids if i not in maps.index]
-        if missing:
-            raise FeatureStoreError(_missing_message(maps.path, missing, len(ids)))
-        return maps.get(ids)
+        yield from store.chunks(ids, chunk, captioner.reads_regions)
     finally:
-        maps.close()
+        store.close()
 
 
 def _missing_message(path, missing: list[str], wanted: int) -> str:
@@ -79,16 +82,24 @@ def _missing_message(path, missing: list[str], wanted: int) -> str:
     )
 
 
-def _encoded_features(captioner: Captioner, paths: list[Path], ids: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Return (features of the readable images, their ids), decoding images in parallel threads."""
-    kept, chunks = [], []
+def _encoded_chunks(
+    captioner: Captioner, paths: list[Path], ids: list[str], chunk: int = DECODE_CHUNK
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (ids, features) of the readable images, `chunk` at a time, decoding images in threads."""
+    kept: list[str] = []
+    encoded: list[np.ndarray] = []
     items = list(zip(ids, paths, strict=True))
     for batch in decoded_batches(items, captioner.spec.input_size, 64, os.cpu_count() or 2):
         good = [(i, p) for i, p in batch if not isinstance(p, ImageDecodeError)]
         if good:
             kept += [i for i, _ in good]
-            chunks.append(captioner.encode(np.stack([p for _, p in good])))
-    return (np.concatenate(chunks) if chunks else np.zeros((0, *captioner.feature_shape), np.float32)), kept
+            encoded.append(captioner.encode(np.stack([p for _, p in good])))
+        while len(kept) >= chunk:
+            matrix = np.concatenate(encoded)
+            yield kept[:chunk], matrix[:chunk]
+            kept, encoded = kept[chunk:], [matrix[chunk:]]
+    if kept:
+        yield kept, np.concatenate(encoded)
 
 
 def evaluate_captions(
@@ -117,16 +128,16 @@ def evaluate_captions(
         "missing_on_disk": len(with_refs) - len(present),
     }
     if features is not None:
-        ids, matrix = on_disk, stored_features(captioner, features, on_disk)
+        chunks = stored_features(captioner, features, on_disk)
     else:
-        matrix, ids = _encoded_features(captioner, [dataset.image_path(i) for i in on_disk], on_disk)
+        chunks = _encoded_chunks(captioner, [dataset.image_path(i) for i in on_disk], on_disk)
+    generated: dict[str, str] = {}
+    for chunk, matrix in chunks:
+        for result in captioner.caption_features(chunk, matrix, decoding):
+            generated[result.image] = result.caption
+    ids = [i for i in on_disk if i in generated]
     counts["unreadable"] = len(on_disk) - len(ids)
     counts["captioned"] = len(ids)
-    generated: dict[str, str] = {}
-    for start in range(0, len(ids), DECODE_CHUNK):
-        chunk = ids[start : start + DECODE_CHUNK]
-        for result in captioner.caption_features(chunk, matrix[start : start + DECODE_CHUNK], decoding):
-            generated[result.image] = result.caption
     references = {i: captions[i] for i in ids}
     metrics = coco_scores(references, generated) if generated else {}
     secondary = nltk_corpus_bleu(references, generated) if generated else {}

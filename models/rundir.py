@@ -25,13 +25,15 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import keras
+from typing import TYPE_CHECKING
 
 from features.store import atomic_write_bytes, read_versioned_json
 from models.config import CaptionModelConfig
 from models.decoders import DecoderError, get_decoder
 from pipeline.vocabulary import Vocabulary, VocabularyError
+
+if TYPE_CHECKING:  # Keras is imported where a model is loaded or saved: the LiteRT runtime reads DEFAULT_RUN
+    import keras
 
 RUN_FORMAT = "captioning-run"
 RUN_FORMAT_VERSION = 2
@@ -156,6 +158,8 @@ class RunDir:
 
     def load_checkpoint(self) -> keras.Model:
         """Return the model of the last checkpoint, with its optimizer state."""
+        import keras
+
         return keras.saving.load_model(self.file(CHECKPOINT_FILE))
 
     def check_start(self, resume: bool) -> None:
@@ -175,6 +179,8 @@ class RunDir:
     # --- loading -----------------------------------------------------------------------------------
     def load(self) -> CaptionRun:
         """Return the run's model, vocabulary and config, checking that they agree."""
+        import keras
+
         config = self.read_config()
         model_path = self.file(MODEL_FILE)
         if not model_path.is_file():
@@ -251,6 +257,8 @@ def save_model_without_optimizer(model: keras.Model, path: Path) -> None:
     The copy is rebuilt from the model's config without its compile config: `clone_model` of a
     compiled model compiles the clone too on newer Keras (3.15), and its Adam slots would triple the file.
     """
+    import keras
+
     config = keras.saving.serialize_keras_object(model)
     config.pop("compile_config", None)
     clone = keras.saving.deserialize_keras_object(config)

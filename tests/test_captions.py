@@ -63,7 +63,12 @@ def test_open_dataset_names_what_it_expected_in_one_line(tmp_path):
         open_dataset(tmp_path)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{tmp_path}: not a caption dataset")
-    assert message.endswith("expected a Flickr8k folder (Images/ plus Flickr8k.token.txt or captions.txt)")
+    assert message.endswith(
+        "expected a Flickr8k folder (Images/ plus Flickr8k.token.txt or captions.txt), "
+        "a Karpathy split JSON (images[] with filename, split and sentences[]), "
+        "or a COCO captions JSON (images[] with id and file_name, annotations[] with image_id and caption) "
+        "or a folder of them"
+    )
     with pytest.raises(CaptionFileError, match="no such file or folder"):
         open_dataset(tmp_path / "absent")
 

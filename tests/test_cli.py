@@ -464,3 +464,17 @@ def test_a_merge_and_an_attention_run_decode_as_one_ensemble_on_spatial_maps(
         True,
         False,
     ]
+
+
+def test_infer_evaluate_and_serve_decode_with_the_same_defaults(tmp_path):
+    import evaluate
+    import infer
+    import serve
+    from cli import decoding_options
+
+    parsed = [infer.parse_args(["photo.jpg"]), evaluate.parse_args([]), serve.parse_args([])]
+    assert [decoding_options(args) for args in parsed] == [DecodingOptions()] * 3
+    # the defaults chosen on dev for the shipped model: length penalty 1 and the trigram block
+    assert DecodingOptions() == DecodingOptions(beam=3, max_length=None, length_penalty=1.0, no_repeat_ngram=3)
+    off = infer.parse_args(["photo.jpg", "--no-repeat-ngram", "0", "--length-penalty", "0.5"])
+    assert decoding_options(off) == DecodingOptions(length_penalty=0.5, no_repeat_ngram=0)

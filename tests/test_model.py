@@ -98,7 +98,7 @@ def test_beam_of_one_is_greedy():
     stepper = MergeStepper(model)
     features = _features(4, seed=1)
     greedy = greedy_decode(stepper, features, 8, TOKENS)
-    beams = beam_search(stepper, features, DecodingOptions(beam=1, max_length=8), TOKENS)
+    beams = beam_search(stepper, features, DecodingOptions(beam=1, max_length=8, no_repeat_ngram=0), TOKENS)
     assert [b[0].tokens for b in beams] == greedy
 
 

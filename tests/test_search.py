@@ -98,7 +98,9 @@ def test_beam_search_finds_the_highest_scoring_sequence_on_a_toy_model():
     assert best == [5, 3]
     greedy = greedy_decode(stepper, np.zeros((1, 1)), 6, TOKENS)[0]
     assert greedy[0] == 4  # greedy commits to x and misses it
-    result = beam_search(stepper, np.zeros((2, 1)), DecodingOptions(beam=2, max_length=6, length_penalty=0.0), TOKENS)
+    result = beam_search(
+        stepper, np.zeros((2, 1)), DecodingOptions(beam=2, max_length=6, length_penalty=0.0, no_repeat_ngram=0), TOKENS
+    )
     for hypotheses in result:
         assert hypotheses[0].tokens == best
         assert hypotheses[0].log_prob == pytest.approx(best_score)
@@ -107,9 +109,11 @@ def test_beam_search_finds_the_highest_scoring_sequence_on_a_toy_model():
 
 def test_length_penalty_prefers_longer_captions_when_asked():
     stepper = ToyStepper()
-    plain = beam_search(stepper, np.zeros((1, 1)), DecodingOptions(beam=3, max_length=6, length_penalty=0.0), TOKENS)[0]
+    plain = beam_search(
+        stepper, np.zeros((1, 1)), DecodingOptions(beam=3, max_length=6, length_penalty=0.0, no_repeat_ngram=0), TOKENS
+    )[0]
     normalised = beam_search(
-        stepper, np.zeros((1, 1)), DecodingOptions(beam=3, max_length=6, length_penalty=1.0), TOKENS
+        stepper, np.zeros((1, 1)), DecodingOptions(beam=3, max_length=6, length_penalty=1.0, no_repeat_ngram=0), TOKENS
     )[0]
     for hypothesis in normalised:
         length = len(hypothesis.tokens)
@@ -144,7 +148,9 @@ def _ngrams(tokens, n):
 @pytest.mark.parametrize("n", [2, 3])
 def test_no_repeat_ngram_keeps_every_n_gram_of_a_caption_unique(n):
     features = np.zeros((3, 1))
-    plain = beam_search(LoopStepper(), features, DecodingOptions(beam=3, max_length=12, length_penalty=0.0), TOKENS)
+    plain = beam_search(
+        LoopStepper(), features, DecodingOptions(beam=3, max_length=12, length_penalty=0.0, no_repeat_ngram=0), TOKENS
+    )
     assert plain[0][0].tokens[:4] == [4, 5, 4, 5]  # without the block the model loops
     blocked = beam_search(
         LoopStepper(), features, DecodingOptions(beam=3, max_length=12, length_penalty=0.0, no_repeat_ngram=n), TOKENS
@@ -165,7 +171,9 @@ def test_no_repeat_ngram_keeps_every_n_gram_of_a_caption_unique(n):
 
 def test_no_repeat_ngram_keeps_the_captions_that_do_not_repeat():
     stepper = ToyStepper()
-    plain = beam_search(stepper, np.zeros((2, 1)), DecodingOptions(beam=2, max_length=6, length_penalty=0.0), TOKENS)
+    plain = beam_search(
+        stepper, np.zeros((2, 1)), DecodingOptions(beam=2, max_length=6, length_penalty=0.0, no_repeat_ngram=0), TOKENS
+    )
     blocked = beam_search(
         stepper, np.zeros((2, 1)), DecodingOptions(beam=2, max_length=6, length_penalty=0.0, no_repeat_ngram=3), TOKENS
     )

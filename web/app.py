@@ -30,9 +30,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser, parse_opt
 from starlette.requests import ClientDisconnect
 
 from features import images
-from models.captioner import Captioner
+from models.runtimes import CaptionerBase
 from models.search import DecodingOptions
-from models.training import describe_device
 from web.batcher import CaptionBatcher, Classify, Upload
 from web.limits import ClientLimits, busy_headers
 
@@ -101,7 +100,7 @@ class Health(BaseModel):
     max_upload_mb: float
     max_pixels: int = Field(description="images with more pixels (after JPEG draft reduction) are refused")
     decode_workers: int
-    limits: dict[str, float] = Field(description="timeouts (s) and caps against slow or greedy clients")
+    limits: dict[str, int | float] = Field(description="timeouts (s) and caps against slow or greedy clients")
     device: str
 
 
@@ -216,7 +215,7 @@ async def read_uploads(request: Request, max_bytes: int, chunk_timeout_s: float 
 
 
 def create_app(
-    captioner: Captioner,
+    captioner: CaptionerBase,
     *,
     classify: Classify | None = None,
     decoding: DecodingOptions | None = None,
@@ -261,7 +260,11 @@ def create_app(
 
 
 def _health(
-    captioner: Captioner, batcher: CaptionBatcher, batch_window_ms: float, max_upload_mb: float, limits: ClientLimits
+    captioner: CaptionerBase,
+    batcher: CaptionBatcher,
+    batch_window_ms: float,
+    max_upload_mb: float,
+    limits: ClientLimits,
 ) -> Health:
     """Return what /api/health answers: the model, the decoding settings and the server's limits."""
     return Health(
@@ -269,7 +272,7 @@ def _health(
         model=captioner.name,
         encoder=captioner.spec.name,
         encoder_weights=str(captioner.encoder_weights),
-        decoder=captioner.run.model_config.decoder,
+        decoder=captioner.decoder,
         vocabulary_size=len(captioner.vocabulary),
         max_caption_length=captioner.max_caption_length,
         beam=batcher.decoding.beam,
@@ -282,7 +285,7 @@ def _health(
         max_pixels=batcher.max_pixels or images.max_pixels(),
         decode_workers=batcher.decode_workers,
         limits=asdict(limits),
-        device=describe_device(),
+        device=captioner.device,
     )
 
 

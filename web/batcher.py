@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.images import ImageDecodeError, load_image
-from models.captioner import Captioner
+from models.runtimes import CaptionerBase
 from models.search import DecodingOptions
 
 # The classifier hook: image bytes in, one (label, probability) per image out.
@@ -56,11 +56,11 @@ def _milliseconds(start: float, end: float) -> float:
 
 
 class CaptionBatcher:
-    """Captions uploads with a Captioner, batching concurrent requests together on one worker thread."""
+    """Captions uploads with a captioner (Keras or LiteRT), batching concurrent requests together on one worker thread."""
 
     def __init__(
         self,
-        captioner: Captioner,
+        captioner: CaptionerBase,
         *,
         decoding: DecodingOptions | None = None,
         window_ms: float = 10.0,

@@ -1,0 +1,404 @@
+"""Feature stores at COCO's size: the pickle store against TFRecord shards streamed through tf.data.
+
+    nice -n 10 python bench/bench_store.py [--sizes 1000 10000 113287] [--steps 200] [--skip-flickr]
+
+1. Write cost per image at 1k, 10k and 113k images (synthetic: random 1280-d vectors, efficientnet_lite0's
+   size), side by side at each size: the pickle store as extraction writes it (`_StoreWriter`, the
+   whole pickle rewritten every 512 images) and shards as extraction writes them (`ShardWriter`,
+   1024 images a shard, float16). "Marginal" is one flush at that store size divided by the images it
+   adds (what the next image costs); "whole run" writes the store from empty. The pickle's whole run at
+   113k (221 flushes, 64 GB written) is extrapolated from its marginal costs, which are linear in size.
+2. Training memory and speed at 10k vs 113k images (each in its own process): a Karpathy split JSON of
+   N train images + 500 dev images, 5 captions each sampled from the Flickr8k caption pool; the merge
+   model (units 256), batch 64, a warm-up then `--steps` timed steps of `model.fit` from the shards
+   (streamed) and, for contrast, from a pickle store. Peak RSS is the process's high-water mark during
+   the steps (reset after the data is prepared); "after preparing" is the RSS once captions are read,
+   cleaned, counted into a vocabulary and encoded: what grows with the captions (vocabulary aside).
+3. One teacher-forcing epoch on the real Flickr8k features from the pickle store and from shards
+   converted from it (float32, exact), seeds 0 and 1, interleaved: seconds and dev loss.
+4. Float16 pooled vectors on the real Flickr8k dev split, the shipped model's seed0 member: dev loss
+   and beam-3 captions with float32 vs float16-rounded features.
+
+Writes `bench/results_store.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import Report, markdown_table  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
+DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
+DIM = 1280
+META = {"encoder": "efficientnet_lite0", "image_size": 224, "preprocessing": "(x - 127) / 128",
+        "weights": "none", "dim": DIM, "spatial": False}  # fmt: skip
+DEV_IMAGES = 500
+FLUSH_EVERY = 512
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 113287], help="store sizes (images)")
+    parser.add_argument("--train-sizes", type=int, nargs="+", default=[10000, 113287], help="train images")
+    parser.add_argument("--steps", type=int, default=200, help="timed training steps per run")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES)
+    parser.add_argument("--skip-flickr", action="store_true", help="leave out parts 3 and 4 (real features)")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_store.md")
+    parser.add_argument(
+        "--train-child", nargs=4, metavar=("KIND", "FEATURES", "DATA", "JSON_OUT"), help=argparse.SUPPRESS
+    )
+    return parser.parse_args(argv)
+
+
+# ---- 1. write cost ----
+
+
+def pickle_marginal(count: int, repeats: int = 3) -> float:
+    """Return the seconds one flush costs with `count` images in the pickle store (mean of `repeats`)."""
+    from features.store import FeatureStore
+
+    rng = np.random.default_rng(count)
+    store = FeatureStore(dict(META), {f"{i:06d}.jpg": rng.random(DIM, dtype=np.float32) for i in range(count)})
+    folder = Path(tempfile.mkdtemp(dir=WORK))
+    started = time.perf_counter()
+    for _ in range(repeats):
+        store.save(folder / "store.pkl")
+    seconds = (time.perf_counter() - started) / repeats
+    shutil.rmtree(folder)
+    return seconds
+
+
+def pickle_whole_run(count: int) -> float:
+    """Return the seconds the pickle writer takes to write `count` images from empty, flushing every 512."""
+    from features.extract import _StoreWriter
+    from features.store import FeatureStore
+
+    folder = Path(tempfile.mkdtemp(dir=WORK))
+    writer = _StoreWriter(FeatureStore(dict(META)), folder / "store.pkl", False, FLUSH_EVERY)
+    seconds = _feed(writer, count)
+    shutil.rmtree(folder)
+    return seconds
+
+
+def shards_whole_run(count: int) -> tuple[float, float, int]:
+    """Return (seconds for `count` images from empty, seconds of the last shard per its image, bytes)."""
+    from features.shards import ShardWriter
+
+    folder = Path(tempfile.mkdtemp(dir=WORK))
+    writer = ShardWriter(folder / "store", META, 1024, "float16")
+    seconds = _feed(writer, count)
+    last = _feed(writer, 1024, offset=count)  # one more shard at this size: the marginal cost
+    size = sum(p.stat().st_size for p in (folder / "store").iterdir())
+    shutil.rmtree(folder)
+    return seconds, last / 1024, size
+
+
+def _feed(writer, count: int, offset: int = 0, batch: int = 32) -> float:
+    """Add `count` random vectors in extraction-sized batches and finish; return the seconds."""
+    rng = np.random.default_rng(offset)
+    vectors = rng.random((batch, DIM), dtype=np.float32)
+    started = time.perf_counter()
+    for start in range(offset, offset + count, batch):
+        ids = [f"{i:06d}.jpg" for i in range(start, min(start + batch, offset + count))]
+        writer.add(ids, vectors[: len(ids)])
+    writer.finish()
+    return time.perf_counter() - started
+
+
+def write_costs(sizes: list[int]) -> tuple[str, dict]:
+    """Return the write-cost table and {size: figures}, pickle and shards timed one after the other per size."""
+    rows, figures = [], {}
+    for count in sizes:
+        marginal = pickle_marginal(count) / FLUSH_EVERY
+        if count <= 20_000:
+            whole = pickle_whole_run(count) / count
+        else:  # the sum of its flushes' costs, each linear in the store's size (fitted below)
+            whole = None
+        seconds, shard_marginal, size = shards_whole_run(count)
+        figures[count] = {"pickle_marginal": marginal, "pickle_whole": whole, "shards_whole": seconds / count,
+                          "shards_marginal": shard_marginal, "bytes": size}  # fmt: skip
+        print(
+            f"write {count}: pickle {1e6 * marginal:.0f} us/img marginal, shards {1e6 * seconds / count:.0f} us/img",
+            flush=True,
+        )
+    slope = np.polyfit(list(figures), [f["pickle_marginal"] for f in figures.values()], 1)
+    for count, f in figures.items():
+        if f["pickle_whole"] is None:
+            flushes = np.arange(FLUSH_EVERY, count + FLUSH_EVERY, FLUSH_EVERY)
+            f["pickle_whole"] = float(np.polyval(slope, flushes).sum() * FLUSH_EVERY / count)
+        pickle_bytes = sum(
+            min(n, count) * (DIM * 4 + 150) for n in range(FLUSH_EVERY, count + FLUSH_EVERY, FLUSH_EVERY)
+        )
+        rows.append([f"{count:,}", f"{1e6 * f['pickle_marginal']:.0f}", f"{1e6 * f['pickle_whole']:.0f}"
+                     + ("" if count <= 20_000 else " (extrapolated)"), f"{pickle_bytes / 1e9:.1f}",
+                     f"{1e6 * f['shards_marginal']:.0f}", f"{1e6 * f['shards_whole']:.0f}",
+                     f"{f['bytes'] / 1e6 * count / (count + 1024):.0f}", f"{f['bytes'] / (count + 1024):.0f}"])  # fmt: skip
+    headers = ["images", "pickle: us/image, marginal", "pickle: us/image, whole run", "pickle: GB written",
+               "shards: us/image, marginal", "shards: us/image, whole run", "shards: MB on disk", "shards: bytes/image"]  # fmt: skip
+    return markdown_table(headers, rows), figures
+
+
+# ---- 2. training memory and speed ----
+
+
+def synthetic_dataset(folder: Path, train: int, seed: int = 0) -> Path:
+    """Write a Karpathy split JSON of `train` + DEV_IMAGES images, 5 captions each from the Flickr8k pool."""
+    from pipeline.captions import read_token_file
+
+    pool = [c for captions in read_token_file(ARGS.data / "Flickr8k.token.txt").values() for c in captions]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(pool), size=(train + DEV_IMAGES, 5))
+    images = [
+        {"filename": f"{n:06d}.jpg", "split": "train" if n < train else "val",
+         "sentences": [{"raw": pool[k]} for k in row]}
+        for n, row in enumerate(picks)
+    ]  # fmt: skip
+    path = folder / f"dataset_synthetic_{train}.json"
+    path.write_text(json.dumps({"images": images, "dataset": "synthetic"}))
+    return path
+
+
+def synthetic_stores(folder: Path, train: int) -> dict[str, Path]:
+    """Write random-vector stores (shards, and a pickle for contrast) of `train` + DEV_IMAGES images."""
+    from features.shards import ShardWriter
+    from features.store import FeatureStore
+
+    count, rng = train + DEV_IMAGES, np.random.default_rng(train)
+    writer = ShardWriter(folder / f"shards_{train}", META, 1024, "float16")
+    pickled = FeatureStore(dict(META))
+    for start in range(0, count, 4096):
+        ids = [f"{i:06d}.jpg" for i in range(start, min(start + 4096, count))]
+        vectors = rng.random((len(ids), DIM), dtype=np.float32).astype(np.float16)
+        writer.add(ids, vectors)
+        pickled.features.update(zip(ids, vectors.astype(np.float32), strict=True))
+    writer.finish()
+    pickled.save(folder / f"store_{train}.pkl")
+    return {"shards": folder / f"shards_{train}", "pickle": folder / f"store_{train}.pkl"}
+
+
+def pool_vocabulary():
+    """Return the vocabulary of the Flickr8k caption pool (min count 5): the same at every size, so that
+    memory and speed compare the stores and the data's size, not two vocabularies."""
+    from pipeline.captions import clean_caption, read_token_file
+    from pipeline.vocabulary import Vocabulary
+
+    pool = read_token_file(ARGS.data / "Flickr8k.token.txt")
+    return Vocabulary.build([clean_caption(c) for captions in pool.values() for c in captions], 5)
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def train_child(kind: str, features: str, data: str, out: str) -> None:
+    """In a fresh process: prepare the data, reset the RSS high-water mark, time `--steps` training steps."""
+    import keras
+
+    from features.store import open_feature_store
+    from models.config import CaptionModelConfig
+    from models.training import build_caption_model, caption_batches, compile_caption_model, prepare_caption_data
+    from pipeline.datasets import open_dataset
+
+    keras.utils.set_random_seed(0)
+    started_rss = rss_mb()
+    store = open_feature_store(features)
+    data_ = prepare_caption_data(store, open_dataset(data), 5, pool_vocabulary())
+    batches = caption_batches(store, data_.train, data_, 64, True, 0, False)
+    config = CaptionModelConfig(vocab_size=len(data_.vocabulary), max_caption_length=data_.max_caption_length,
+                                feature_dim=store.dim)  # fmt: skip
+    model = build_caption_model(config)
+    compile_caption_model(model, 1e-3)
+    prepared_rss, prepared_peak = rss_mb(), rss_mb("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is training's
+    times: list[float] = []
+    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: times.append(time.perf_counter()))
+    model.fit(batches.as_dataset().take(ARGS.warmup + ARGS.steps), epochs=1, verbose=0, callbacks=[timer])
+    result = {
+        "kind": kind, "captions": batches.caption_count, "vocabulary": len(data_.vocabulary),
+        "rss_start_mb": started_rss, "rss_prepared_mb": prepared_rss, "peak_preparing_mb": prepared_peak,
+        "peak_training_mb": rss_mb("VmHWM"), "steps_per_s": ARGS.steps / (times[-1] - times[ARGS.warmup - 1]),
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }  # fmt: skip
+    Path(out).write_text(json.dumps(result))
+
+
+def training_runs(sizes: list[int]) -> tuple[str, dict]:
+    """Return the training table and figures: each size and store kind in its own process."""
+    figures = {}
+    for train in sizes:
+        folder = WORK / f"train_{train}"
+        folder.mkdir(exist_ok=True)
+        data, stores = synthetic_dataset(folder, train), synthetic_stores(folder, train)
+        for kind in ("shards", "pickle"):
+            out = folder / f"{kind}.json"
+            command = [sys.executable, __file__, "--train-child", kind, str(stores[kind]), str(data), str(out),
+                       "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup)]  # fmt: skip
+            subprocess.run(command, check=True, cwd=ROOT)
+            figures[(train, kind)] = json.loads(out.read_text())
+            f = figures[(train, kind)]
+            print(
+                f"train {train} {kind}: {f['steps_per_s']:.2f} steps/s, peak {f['peak_training_mb']:.0f} MB", flush=True
+            )
+        shutil.rmtree(folder)
+    rows = [[f"{train:,}", kind, f"{f['captions']:,}", f"{f['vocabulary']:,}", f"{f['rss_prepared_mb']:.0f}",
+             f"{f['peak_preparing_mb']:.0f}", f"{f['peak_training_mb']:.0f}", f"{f['steps_per_s']:.2f}"]
+            for (train, kind), f in figures.items()]  # fmt: skip
+    headers = ["train images", "store", "train captions", "vocabulary", "RSS after preparing (MB)",
+               "peak while preparing (MB)", "peak RSS while training (MB)", "steps/s (batch 64)"]  # fmt: skip
+    return markdown_table(headers, rows), figures
+
+
+# ---- 3. a real epoch, shards vs pickle ----
+
+
+def flickr_epochs() -> tuple[str, dict]:
+    """Return the table and figures of one teacher-forcing epoch from each store, seeds 0 and 1, interleaved."""
+    from features.shards import convert_store
+    from models.training import TrainingOptions, train_caption_model
+
+    shards = convert_store(ARGS.features, WORK / "flickr8k_shards")
+    figures: dict[tuple[int, str], dict] = {}
+    for seed in (0, 1):
+        for kind, features in (("pickle", ARGS.features), ("shards", shards.path)):
+            options = TrainingOptions(epochs=1, batch_size=64, seed=seed)
+            result = train_caption_model(features, ARGS.data, WORK / f"run_{kind}_{seed}", options, verbose=0)
+            figures[(seed, kind)] = {"seconds": result.seconds, "dev_loss": result.best_val_loss}
+            print(
+                f"flickr8k seed {seed} {kind}: {result.seconds:.0f} s, dev loss {result.best_val_loss:.4f}", flush=True
+            )
+    rows = [[str(seed), kind, f"{f['seconds']:.0f}", f"{f['dev_loss']:.4f}"] for (seed, kind), f in figures.items()]
+    return markdown_table(["seed", "store", "seconds for the epoch (incl. dev loss)", "dev loss"], rows), figures
+
+
+# ---- 4. float16 vectors ----
+
+
+def float16_effect() -> tuple[str, dict]:
+    """Return the table and figures of the shipped seed0 member on dev with float32 vs float16 features."""
+    from features.store import FeatureStore
+    from models.captioner import Captioner
+    from models.rundir import load_run
+    from models.search import DecodingOptions
+    from models.training import caption_sequence, compile_caption_model, prepare_caption_data
+    from pipeline.datasets import open_dataset
+
+    store = FeatureStore.load(ARGS.features)
+    run = load_run(ROOT / "pretrained" / "flickr8k_merge_lite0" / "seed0")
+    data = prepare_caption_data(store, open_dataset(ARGS.data), 5, run.vocabulary)
+    data.max_caption_length = run.model_config.max_caption_length
+    compile_caption_model(run.model, 1e-3)
+    rounded = FeatureStore(
+        store.metadata, {k: v.astype(np.float16).astype(np.float32) for k, v in store.features.items()}
+    )
+    ids, figures = data.dev.image_ids, {}
+    captioner = Captioner(run)
+    for name, source in (("float32", store), ("float16", rounded)):
+        loss = run.model.evaluate(caption_sequence(source, data.dev, data, 64, False).as_dataset(), verbose=0)[0]
+        found = captioner.caption_features(ids, source.matrix(ids), DecodingOptions(beam=3))
+        figures[name] = {"loss": loss, "captions": [c.caption for c in found]}
+    m = store.matrix(sorted(store.features))
+    error = np.abs(m.astype(np.float16).astype(np.float32) - m)
+    same = sum(a == b for a, b in zip(figures["float32"]["captions"], figures["float16"]["captions"], strict=True))
+    figures["same_captions"], figures["max_error"], figures["max_value"] = same, float(error.max()), float(m.max())
+    rows = [[name, f"{figures[name]['loss']:.7f}"] for name in ("float32", "float16")]
+    table = markdown_table(["pooled vectors", "dev loss (shipped seed0 member, teacher forcing)"], rows)
+    return table + f"\n\nBeam-3 dev captions identical: {same} of {len(ids)}; largest rounding error "  \
+        f"{figures['max_error']:.5f} on values up to {figures['max_value']:.2f}.", figures  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ARGS, WORK
+    ARGS = parse_args(argv)
+    if ARGS.train_child:
+        train_child(*ARGS.train_child)
+        return 0
+    WORK = ARGS.work or Path(tempfile.mkdtemp(prefix="bench_store_"))
+    WORK.mkdir(parents=True, exist_ok=True)
+    try:
+        sections, figures = build_sections()
+    finally:
+        if ARGS.work is None:
+            shutil.rmtree(WORK, ignore_errors=True)
+    summary = __doc__.split("\n\n", 2)[2].split("Writes `bench")[0].strip()
+    page = Report("Feature stores at COCO's size: pickle vs TFRecord shards (issue 18)", summary,
+                  sections=[targets_table(figures), *sections])  # fmt: skip
+    page.write(ARGS.out)
+    return 0
+
+
+def build_sections() -> tuple[list[str], dict]:
+    sections, figures = [], {}
+    table, figures["write"] = write_costs(ARGS.sizes)
+    sections += ["## Write cost per image", table]
+    table, figures["train"] = training_runs(ARGS.train_sizes)
+    sections += ["## Training memory and speed (synthetic, merge model, batch 64)", table]
+    if not ARGS.skip_flickr:
+        table, figures["flickr"] = flickr_epochs()
+        sections += ["## One teacher-forcing epoch on the real Flickr8k features", table]
+        table, figures["float16"] = float16_effect()
+        sections += ["## Float16 pooled vectors", table]
+    Path(WORK / "figures.json").write_text(json.dumps({k: str(v) for k, v in figures.items()}))
+    return sections, figures
+
+
+def targets_table(figures: dict) -> str:
+    """Return the issue's targets, measured, as a table."""
+    rows = []
+    write = figures["write"]
+    small, large = min(write), max(write)
+    growth = write[large]["shards_whole"] / write[small]["shards_whole"]
+    rows.append([f"shards: cost per image at {large:,} vs {small:,}", f"{growth:.2f}x", "<= 1.5x", growth <= 1.5])
+    train = figures["train"]
+    sizes = sorted({t for t, _ in train})
+    if len(sizes) >= 2:
+        low, high = train[(sizes[0], "shards")], train[(sizes[-1], "shards")]
+        rss = high["peak_training_mb"] / low["peak_training_mb"] - 1
+        speed = high["steps_per_s"] / low["steps_per_s"]
+        rows.append(
+            [f"streamed training: peak RSS at {sizes[-1]:,} vs {sizes[0]:,}", f"{rss:+.1%}", "<= +15%", rss <= 0.15]
+        )
+        rows.append(
+            [f"streamed training: steps/s at {sizes[-1]:,} vs {sizes[0]:,}", f"{speed:.2f}x", ">= 0.9x", speed >= 0.9]
+        )
+    if "flickr" in figures:
+        flickr = figures["flickr"]
+        pickle_s = sum(f["seconds"] for (_, k), f in flickr.items() if k == "pickle")
+        shards_s = sum(f["seconds"] for (_, k), f in flickr.items() if k == "shards")
+        gap = max(abs(flickr[(s, "pickle")]["dev_loss"] - flickr[(s, "shards")]["dev_loss"]) for s in (0, 1))
+        seeds = abs(flickr[(0, "pickle")]["dev_loss"] - flickr[(1, "pickle")]["dev_loss"])
+        rows.append(
+            [
+                "Flickr8k epoch: speed from shards vs pickle",
+                f"{pickle_s / shards_s:.2f}x",
+                ">= 0.9x",
+                pickle_s / shards_s >= 0.9,
+            ]
+        )
+        rows.append(["Flickr8k epoch: dev loss, shards vs pickle (same seed)", f"{gap:.4f} apart",
+                     f"within noise (seeds 0 and 1 on the pickle: {seeds:.4f} apart)", gap <= max(seeds, 0.01)])  # fmt: skip
+    rows = [[what, measured, wanted, "met" if ok else "**not met**"] for what, measured, wanted, ok in rows]
+    return markdown_table(["target", "measured", "wanted", ""], rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
