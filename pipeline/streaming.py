@@ -7,6 +7,13 @@ record becomes one sample per caption, samples pass through a shuffle buffer, an
 by caption length (`bucket_by_sequence_length`) and padded to a multiple of `LENGTH_BUCKET`, so a
 batch wastes little on padding and only a few shapes get traced. What stays in memory grows with the
 captions (their token ids, a few bytes each), not with the feature store.
+
+A length bucket's batches hold about as many words as `batch_size` captions of mean length (more
+captions when they are short, fewer when long). With the same number of captions in every bucket,
+each batch's loss (a mean over its words) would give a short caption's words several times the weight
+of a long one's: on Flickr8k that cost 0.07 of dev loss after one epoch, against none with the word
+budget (BENCHMARKS.md). The dev stream (`shuffle=False`) keeps `batch_size` captions a batch in the
+store's order, padded the same way, so its loss is the figure `CaptionSequence` gives.
 """
 
 from __future__ import annotations
@@ -53,6 +60,12 @@ class CaptionStream:
         sample_bytes = int(np.prod(shape)) * (2 if self.spatial else 4)  # maps stay float16 until batched
         return max(4 * self.batch_size, min(SHUFFLE_CAPTIONS, SHUFFLE_BYTES // sample_bytes))
 
+    def bucket_batch_sizes(self) -> list[int]:
+        """Return the captions a batch takes in each length bucket: `batch_size` captions' worth of words."""
+        mean_length = float(self.caption_lengths.mean()) if len(self.caption_lengths) else 1.0
+        sizes = [max(1, round(self.batch_size * mean_length / (boundary - 1))) for boundary in self.bucket_boundaries()]
+        return [*sizes, self.batch_size]  # the last bucket (longer than the longest caption) stays empty
+
     def bucket_boundaries(self) -> list[int]:
         """Return the length boundaries: a caption of n tokens is padded to the next multiple of
         LENGTH_BUCKET (at most `max_caption_length`), as `pipeline.batches.pad_batch` pads."""
@@ -69,16 +82,27 @@ class CaptionStream:
         samples = samples.map(lambda features, tokens: (features, _dense(tokens, tf)))
         if self.shuffle:
             samples = samples.shuffle(self.shuffle_buffer(), seed=self.seed, reshuffle_each_iteration=True)
-        boundaries = self.bucket_boundaries()
-        batches = samples.bucket_by_sequence_length(
-            lambda features, tokens: tf.shape(tokens)[0],
-            boundaries,
-            [self.batch_size] * (len(boundaries) + 1),
-            pad_to_bucket_boundary=True,
-        )
+            batches = samples.bucket_by_sequence_length(
+                lambda features, tokens: tf.shape(tokens)[0],
+                self.bucket_boundaries(),
+                self.bucket_batch_sizes(),
+                pad_to_bucket_boundary=True,
+            )
+        else:
+            batches = samples.padded_batch(self.batch_size).map(self._pad_to_bucket(tf))
         return batches.map(lambda features, tokens: _teacher_forcing(key, features, tokens, tf)).prefetch(
             tf.data.AUTOTUNE
         )
+
+    def _pad_to_bucket(self, tf):
+        """Return the map padding a batch of captions to a multiple of LENGTH_BUCKET (as `pad_batch`)."""
+
+        def pad(features, tokens):
+            width = tf.shape(tokens)[1]
+            target = tf.minimum(self.max_caption_length, -(-width // LENGTH_BUCKET) * LENGTH_BUCKET)
+            return features, tf.pad(tokens, [[0, 0], [0, target - width]])
+
+        return pad
 
     def _expander(self, tf, key: str):
         """Return the map from a batch of records to one (features, tokens) row per caption of its images

@@ -77,14 +77,22 @@ def test_batches_group_captions_of_a_length_and_epochs_reshuffle(sharded):
     assert [t.shape for t in first] != [t.shape for t in second] or any(
         not np.array_equal(a, b) for a, b in zip(first, second, strict=True)
     )
-    # Bucketing: every caption of a batch pads to the same multiple of 8 (the padding is never a whole bucket).
+    # Bucketing: every caption of a batch pads to the same multiple of 8 (the padding is never a whole bucket),
+    # and a batch holds about as many words as 8 captions of mean length: more captions when they are short.
+    sizes = dict(zip((8, 16, 23), stream.bucket_batch_sizes(), strict=False))
+    mean_length = stream.caption_lengths.mean()
+    assert stream.bucket_batch_sizes() == [round(8 * mean_length / w) for w in (8, 16, 23)] + [8]
     for targets in first:
         lengths = (targets != 0).sum(axis=1) + 1  # + <start>
         assert lengths.max() <= targets.shape[1] + 1 and lengths.min() > targets.shape[1] + 1 - 8
-    # Without shuffling, two passes are the same.
+        assert len(targets) <= sizes[targets.shape[1] + 1]
+    assert max(len(t) for t in first) == sizes[8] > 8
+    # Without shuffling: batches of 8 captions in the store's order, padded alike; two passes are the same.
     fixed = CaptionStream(store, split_ids, captions, vocabulary, 23, batch_size=8, shuffle=False).as_dataset()
     passes = [[np.asarray(t) for _, t, _ in fixed] for _ in range(2)]
     assert all(np.array_equal(a, b) for a, b in zip(*passes, strict=True))
+    assert [len(t) for t in passes[0][:-1]] == [8] * (len(passes[0]) - 1)
+    assert samples(fixed) == samples(stream.as_dataset())
 
 
 def test_spatial_maps_stream_as_regions(tmp_path, tiny_spatial_store):
