@@ -110,6 +110,20 @@ def decoding_options(args: argparse.Namespace):
     return DecodingOptions(args.beam, args.max_length, args.length_penalty, args.no_repeat_ngram)
 
 
+def add_max_pixels_argument(parser, action: str = "refuse") -> None:
+    """Add `--max-pixels N` (the pixel budget of `features.images.load_image`); `action` says what happens
+    to a bigger image. The script then calls `features.images.set_max_pixels(args.max_pixels)`."""
+    from features.images import DEFAULT_MAX_PIXELS, pixel_count
+
+    parser.add_argument(
+        "--max-pixels",
+        type=pixel_count,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"{action} images with more pixels, before decoding; 50e6 or 50M work (default {DEFAULT_MAX_PIXELS:,})",
+    )
+
+
 def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
     """Add --runtime auto|keras|litert (infer.py, serve.py); its choices come from `models.runtimes.RUNTIMES`."""
     from models.runtimes import AUTO, RUNTIMES

@@ -12,7 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import add_dataset_arguments, clean_errors, dataset_options, fail, import_tensorflow_quietly
+from cli import (
+    add_dataset_arguments,
+    add_max_pixels_argument,
+    clean_errors,
+    dataset_options,
+    fail,
+    import_tensorflow_quietly,
+)
 
 import_tensorflow_quietly()  # before any Keras module: TensorFlow logs through C++ as it loads
 
@@ -21,7 +28,6 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets" / 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from features.encoders import DEFAULT_ENCODER, ENCODERS
-    from features.images import DEFAULT_MAX_PIXELS, pixel_count
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -49,9 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spatial", action="store_true", help="also store spatial maps (HDF5) for attention")
     parser.add_argument("--flush-every", type=int, default=512, help="images per atomic store update")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels (default 50M)"
-    )
+    add_max_pixels_argument(parser, "skip")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.flush_every < 1 or args.shard_size < 1:
         parser.error("--batch-size, --flush-every and --shard-size must be positive")

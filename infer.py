@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cli import (
     add_decoding_arguments,
+    add_max_pixels_argument,
     add_runtime_argument,
     captioner_class,
     captioning_errors,
@@ -27,7 +28,6 @@ from cli import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from features.images import DEFAULT_MAX_PIXELS, pixel_count
     from models.rundir import DEFAULT_RUN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_runtime_argument(parser)
     parser.add_argument("--encoder-weights", help="override the encoder weights recorded in the run")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    parser.add_argument(
-        "--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, help="refuse bigger images (default 50M)"
-    )
+    add_max_pixels_argument(parser)
     parser.add_argument(
         "--attention-map",
         type=Path,

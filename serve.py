@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cli import (
     add_decoding_arguments,
+    add_max_pixels_argument,
     add_runtime_argument,
     captioner_class,
     captioning_errors,
@@ -70,18 +71,11 @@ def _positive(kind: type):
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags of the pixel budget, the decoding threads and `web.limits.ClientLimits`, with their defaults."""
-    from features.images import DEFAULT_MAX_PIXELS, pixel_count
     from web.limits import ClientLimits
 
     default = ClientLimits()
     group = parser.add_argument_group("limits against hostile clients (docs/serving.md)")
-    group.add_argument(
-        "--max-pixels",
-        type=pixel_count,
-        default=DEFAULT_MAX_PIXELS,
-        metavar="N",
-        help=f"refuse images with more pixels, before decoding; 50e6 or 50M work (default {DEFAULT_MAX_PIXELS:,})",
-    )
+    add_max_pixels_argument(group)
     group.add_argument(
         "--decode-workers", type=_positive(int), default=2, metavar="N", help="image-decoding threads (default 2)"
     )

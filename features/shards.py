@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.store import FeatureStoreError, atomic_write_bytes, read_versioned_json
+from features.store import FeatureStoreError, StoreFacts, atomic_write_bytes, read_versioned_json
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_FORMAT = "captioning-feature-shards"
@@ -62,7 +62,7 @@ def _tensorflow():
     return tf
 
 
-class ShardedStore:
+class ShardedStore(StoreFacts):
     """Read access to a sharded store: the same questions as the pickle store, answered by streaming."""
 
     in_memory = False
@@ -74,14 +74,6 @@ class ShardedStore:
         self.shards = [ShardInfo(**entry) for entry in manifest["shards"]]
         self.shard_ids = shard_ids
         self._ids = {image_id for ids in shard_ids for image_id in ids}
-
-    @property
-    def dim(self) -> int:
-        return int(self.metadata["dim"])
-
-    @property
-    def encoder(self) -> str:
-        return str(self.metadata["encoder"])
 
     @property
     def spatial_shape(self) -> tuple[int, ...] | None:

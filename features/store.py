@@ -98,16 +98,10 @@ def read_versioned_json(
     return payload
 
 
-@dataclass
-class FeatureStore:
-    """Pooled image vectors by image id, and what made them; spatial maps from the HDF5 file beside it."""
+class StoreFacts:
+    """What both stores (pickle and shards) read from their `metadata`: the vector size and the encoder."""
 
     metadata: dict
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-    path: Path | None = None  # where it was loaded from: its spatial maps are beside it
-    _spatial: SpatialMaps | None = field(default=None, init=False, repr=False, compare=False)
-
-    in_memory = True
 
     @property
     def dim(self) -> int:
@@ -116,6 +110,18 @@ class FeatureStore:
     @property
     def encoder(self) -> str:
         return str(self.metadata["encoder"])
+
+
+@dataclass
+class FeatureStore(StoreFacts):
+    """Pooled image vectors by image id, and what made them; spatial maps from the HDF5 file beside it."""
+
+    metadata: dict
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    path: Path | None = None  # where it was loaded from: its spatial maps are beside it
+    _spatial: SpatialMaps | None = field(default=None, init=False, repr=False, compare=False)
+
+    in_memory = True
 
     def matrix(self, ids: list[str]) -> np.ndarray:
         """Return the vectors of `ids` stacked as a float32 (len(ids), dim) array."""

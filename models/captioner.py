@@ -127,11 +127,6 @@ class Captioner(CaptionerBase):
     def load_encoder(self) -> None:
         self.encoder  # noqa: B018  (the property builds it)
 
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """The shape of one image's features as the decoder reads them: (D,) or the spatial map (H, W, C)."""
-        return tuple(self.spec.spatial_shape) if self.reads_regions else (self.spec.dim,)
-
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Return the decoder's features for (N, S, S, 3) pixel arrays, encoded in fixed-size batches:
         pooled vectors, or spatial maps for an attention decoder."""

@@ -273,11 +273,6 @@ class LiteCaptioner(CaptionerBase):
         if part.vocabulary.words != first.vocabulary.words:
             raise ExportError(f"{part.folder}: its vocabulary differs from {first.folder}'s; an ensemble shares one")
 
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """The shape of one image's features as the decoders read them: (D,) or the spatial map (H, W, C)."""
-        return tuple(self.spec.spatial_shape) if self.reads_regions else (self.spec.dim,)
-
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Return the decoders' features of (N, S, S, 3) pixel arrays in [0, 255], ENCODE_BATCH at a time."""
         out = []

@@ -55,6 +55,11 @@ class CaptionerBase:
     def load_encoder(self) -> None:
         """Load now what would be loaded on first use, so that a bad weights file fails at start-up."""
 
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one image's features as the decoder reads them: (D,) or the spatial map (H, W, C)."""
+        return tuple(self.spec.spatial_shape) if self.reads_regions else (self.spec.dim,)
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Return the decoder's features of (N, S, S, 3) pixel arrays in [0, 255]."""
         raise NotImplementedError
