@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     add_dataset_arguments(parser)
     add_model_arguments(parser)
+    add_distribute_arguments(parser)
     add_self_critical_arguments(parser)
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -75,6 +76,58 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-train", type=int, help="use only the first N train images (quick comparisons)")
 
 
+def add_distribute_arguments(parser: argparse.ArgumentParser) -> None:
+    """Training on several devices or machines (models.distribute; docs/training.md has the cluster recipes)."""
+    from models.distribute import DISTRIBUTE_CHOICES
+
+    group = parser.add_argument_group(
+        "distributed training",
+        "--batch-size is then per replica: the global batch is it times the replicas (printed at the start, "
+        "recorded in config.json); --lr applies to the global batch as given",
+    )
+    group.add_argument(
+        "--distribute",
+        default="none",
+        choices=DISTRIBUTE_CHOICES,
+        help="mirrored: every local GPU; multi-worker: a cluster from TF_CONFIG (or Slurm), one process a machine, "
+        "each reading its own shards of a sharded store; only the chief writes --out",
+    )
+    group.add_argument(
+        "--cpu-devices", type=int, help="mirrored without a GPU: split the CPU into N logical devices (tests the path)"
+    )
+    group.add_argument(
+        "--backup-every",
+        type=int,
+        metavar="STEPS",
+        help="distributed: back up (BackupAndRestore, in --out/.backup) every STEPS steps, not just every epoch; "
+        "after a failure, run the same command again to continue",
+    )
+    group.add_argument(
+        "--worker-dir",
+        type=Path,
+        help="multi-worker: where a worker other than the chief writes its copy of the run (default: a temporary "
+        "folder, removed at the end)",
+    )
+
+
+def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
+    critical = parser.add_argument_group(
+        "self-critical training",
+        "fine-tune a trained run on CIDEr-D (Rennie et al. 2017): sample captions, reward each with its CIDEr-D "
+        "(plus --meteor-weight times its METEOR), keep the epoch with the best dev reward; --epochs, --lr, --seed, "
+        "--patience, --limit-train apply, decoder options come from the run",
+    )
+    critical.add_argument("--self-critical", type=Path, metavar="RUN_DIR", help="the trained run to start from")
+    critical.add_argument("--samples", type=int, default=5, help="captions sampled per image")
+    critical.add_argument("--batch-images", type=int, default=50, help="images per update")
+    critical.add_argument(
+        "--meteor-weight",
+        type=float,
+        default=0.0,
+        help="reward CIDEr-D + this weight * METEOR (default 0: CIDEr-D alone); METEOR runs in Java",
+    )
+
+
 def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
     critical = parser.add_argument_group(
         "self-critical training",
@@ -95,7 +148,8 @@ def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse impossible values with argparse's one-line error."""
-    for name in ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images"):
+    positive = ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images")
+    for name in (*positive, "cpu_devices", "backup_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.dropout < 1:
@@ -106,6 +160,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--freeze-embeddings needs --embeddings FILE")
     if args.meteor_weight < 0:
         parser.error("--meteor-weight must not be negative")
+    if args.self_critical is not None and args.distribute != "none":
+        parser.error("--distribute applies to teacher forcing; self-critical training runs in one process")
+    if args.cpu_devices is not None and args.distribute != "mirrored":
+        parser.error("--cpu-devices splits the CPU for --distribute mirrored")
     if args.samples < 2:
         parser.error("--samples must be at least 2 (each sample's baseline is the mean of the others)")
 
@@ -113,6 +171,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from features.store import FeatureStoreError
+    from models.distribute import DistributeError
     from models.rundir import RunDirError
     from models.training import TrainingError, TrainingOptions, train_caption_model
     from pipeline.captions import CaptionFileError
@@ -129,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args.patience,
         str(args.embeddings) if args.embeddings else None,
         args.limit_train,
+        args.distribute,
+        args.cpu_devices,
+        args.backup_every,
     )
     model_options = {
         "decoder": args.decoder,
@@ -140,12 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.embedding_dim is not None:
         model_options["embedding_dim"] = args.embedding_dim
-    errors = (TrainingError, FeatureStoreError, CaptionFileError, RunDirError, VocabularyError, WordVectorError)
+    errors = (
+        TrainingError,
+        FeatureStoreError,
+        CaptionFileError,
+        RunDirError,
+        VocabularyError,
+        WordVectorError,
+        DistributeError,
+    )
     if args.self_critical is not None:
         return self_critical(args, errors)
     with clean_errors(*errors):
         dataset = open_dataset(args.data, dataset_options(args))
-        result = train_caption_model(args.features, dataset, args.out, options, model_options, args.resume)
+        result = train_caption_model(
+            args.features, dataset, args.out, options, model_options, args.resume, worker_dir=args.worker_dir
+        )
     print(
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; "
         f"best dev loss {result.best_val_loss:.4f}"

@@ -123,6 +123,16 @@ def _keras_application(name: str, weights: str | None) -> keras.Model:
         ) from None
 
 
+def local_weights_file(weights: str | Path | None) -> Path | None:
+    """Return the local weights file that `weights` names (None for "imagenet" or no weights); raise
+    `EncoderError` if it is not there."""
+    if weights in (None, "none", "imagenet"):
+        return None
+    if not Path(weights).is_file():
+        raise EncoderError(f"weights file {weights} does not exist")
+    return Path(weights)
+
+
 def build_encoder(name: str, weights: str | Path | None = "imagenet", spatial: bool = False) -> keras.Model:
     """Return a Keras model mapping preprocessed images to the pooled vector (and the spatial map).
 
@@ -132,9 +142,7 @@ def build_encoder(name: str, weights: str | Path | None = "imagenet", spatial: b
     spec = get_encoder_spec(name)
     if weights in (None, "none"):
         weights = None
-    local = None if weights in (None, "imagenet") else Path(weights)
-    if local is not None and not local.is_file():
-        raise EncoderError(f"weights file {local} does not exist")
+    local = local_weights_file(weights)
     if name in VARIANTS:
         backbone = build_efficientnet_lite(VARIANTS[name], include_top=True)
         if weights == "imagenet":

@@ -117,20 +117,35 @@ def encoded_batches(
             good = [(image_id, pixels) for image_id, pixels in batch if isinstance(pixels, np.ndarray)]
             report.failed.update({i: str(e) for i, e in batch if isinstance(e, ImageDecodeError)})
             if good:
-                images = spec.preprocess(np.stack([pixels for _, pixels in good]))
-                padded = np.zeros((batch_size, *images.shape[1:]), dtype=np.float32)
-                padded[: len(images)] = images
-                outputs = model.predict_on_batch(padded)
-                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+                outputs = encode_batch(model, spec, [pixels for _, pixels in good], batch_size)
                 report.extracted += len(good)
-                yield [image_id for image_id, _ in good], [np.asarray(o)[: len(good)] for o in outputs]
+                yield [image_id for image_id, _ in good], outputs
             bar.update(len(batch))
     finally:
         bar.close()
 
 
+def encode_batch(model, spec, pixels: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Return the model's outputs (one array per output, one row per image) for decoded `pixels`.
+
+    The images are preprocessed with `spec` and padded with zeros to `batch_size` rows, so the compiled
+    predict function is traced once and an image's vector does not depend on its batch.
+    """
+    images = spec.preprocess(np.stack(pixels))
+    padded = np.zeros((batch_size, *images.shape[1:]), dtype=np.float32)
+    padded[: len(images)] = images
+    outputs = model.predict_on_batch(padded)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [np.asarray(output)[: len(pixels)] for output in outputs]
+
+
 def _weights_label(weights: str | Path | None) -> str:
     return "none" if weights in (None, "none") else str(weights)
+
+
+def store_metadata(encoder: str, weights: str | Path | None, spatial: bool) -> dict:
+    """Return what a feature store records about the features in it: the encoder's spec, weights, spatial."""
+    return {**get_encoder_spec(encoder).metadata(), "weights": _weights_label(weights), "spatial": spatial}
 
 
 def extract_features(
@@ -155,7 +170,7 @@ def extract_features(
     """
     out = Path(out)
     spec = get_encoder_spec(encoder)
-    metadata = {**spec.metadata(), "weights": _weights_label(weights), "spatial": spatial}
+    metadata = store_metadata(encoder, weights, spatial)
     writer = open_writer(out, metadata, choose_store_format(out, store_format, len(sources)), flush_every, shard_size)
     report = ExtractionReport(out)
     done = writer.done

@@ -224,6 +224,19 @@ class ShardedStore(StoreFacts):
         """Nothing stays open between reads."""
 
 
+SHARD_READ_MARKERS = ("parse", "decoderaw", "example", "record", "reshape")  # TF's words for a bad record
+
+
+def is_shard_read_error(error: Exception) -> bool:
+    """Return whether a TensorFlow error from a fit over shards came from reading them: data loss, or a
+    record that did not parse or decode (not any invalid argument elsewhere in the model)."""
+    tf = _tensorflow()
+    if isinstance(error, tf.errors.DataLossError):
+        return True
+    message = str(getattr(error, "message", error)).lower()
+    return isinstance(error, tf.errors.InvalidArgumentError) and any(m in message for m in SHARD_READ_MARKERS)
+
+
 def shard_error(path: Path, error: Exception) -> FeatureStoreError:
     """Return the one-line error for a shard that TensorFlow could not read or parse."""
     detail = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
@@ -296,8 +309,49 @@ def serialize_example(image_id: str, vector: np.ndarray, regions: np.ndarray | N
     return example_pb2.Example(features=feature_pb2.Features(feature=feature)).SerializeToString()
 
 
+def shard_number(name: str) -> int:
+    """Return the number in a shard's file name ("shard-00012.tfrecord" -> 12)."""
+    return int(name.split("-", 1)[1].split(".", 1)[0])
+
+
+def write_shard(folder: Path, number: int, records: list[tuple[str, np.ndarray, np.ndarray | None]]) -> ShardInfo:
+    """Write `records` (id, vector, map or None; already in their dtypes) as shard `number` of the store at
+    `folder`: the TFRecord file through a temporary file and `os.replace`, then its id list. Return its entry.
+
+    The manifest is not touched: the shard exists for readers once `ShardWriter.add_shards` lists it.
+    """
+    tf = _tensorflow()
+    info = ShardInfo(f"shard-{number:05d}.tfrecord", f"shard-{number:05d}.ids.json", len(records), 0)
+    temporary = folder / f".{info.file}.{os.getpid()}.tmp"
+    try:
+        with tf.io.TFRecordWriter(str(temporary)) as writer:
+            for image_id, vector, regions in records:
+                writer.write(serialize_example(image_id, vector, regions))
+        _fsync(temporary)
+        info.bytes = temporary.stat().st_size
+        os.replace(temporary, folder / info.file)
+    finally:
+        temporary.unlink(missing_ok=True)
+    atomic_write_bytes(folder / info.ids, json.dumps([image_id for image_id, _, _ in records]).encode("utf-8"))
+    return info
+
+
+def finished_shard(folder: Path, number: int) -> tuple[ShardInfo, list[str]] | None:
+    """Return (entry, ids) of shard `number` if `write_shard` finished it (its id list comes last), else None."""
+    info = ShardInfo(f"shard-{number:05d}.tfrecord", f"shard-{number:05d}.ids.json", 0, 0)
+    if not ((folder / info.ids).is_file() and (folder / info.file).is_file()):
+        return None
+    ids = json.loads((folder / info.ids).read_text(encoding="utf-8"))
+    info.images, info.bytes = len(ids), (folder / info.file).stat().st_size
+    return info, ids
+
+
 class ShardWriter:
-    """Adds encoded images to a sharded store, writing a shard whenever `shard_size` images are waiting."""
+    """Adds encoded images to a sharded store, writing a shard whenever `shard_size` images are waiting.
+
+    Opening one checks an existing store against `metadata` (`done`: the ids it holds) and removes the
+    files a killed run left unlisted; `add_shards` lists shards written elsewhere (by Beam workers).
+    """
 
     def __init__(self, path: str | Path, metadata: dict, shard_size: int = DEFAULT_SHARD_SIZE, vector_dtype="float16"):
         if shard_size < 1:
@@ -325,6 +379,11 @@ class ShardWriter:
             if leftover.name not in listed:
                 leftover.unlink()
 
+    @property
+    def next_number(self) -> int:
+        """Return the number of the next new shard: one past the highest listed (numbers may have gaps)."""
+        return 1 + max((shard_number(info["file"]) for info in self.manifest["shards"]), default=-1)
+
     def add(self, ids: list[str], vectors: np.ndarray, maps: np.ndarray | None = None) -> None:
         vectors = np.asarray(vectors).astype(self.manifest["vector_dtype"])
         maps = None if maps is None else np.asarray(maps).astype(MAP_DTYPE)
@@ -337,26 +396,19 @@ class ShardWriter:
         """Write the images waiting as one shard (fewer than `shard_size` at the end or on Ctrl-C)."""
         if not self.pending:
             return
-        tf = _tensorflow()
-        number = len(self.manifest["shards"])
-        info = ShardInfo(f"shard-{number:05d}.tfrecord", f"shard-{number:05d}.ids.json", len(self.pending), 0)
-        temporary = self.path / f".{info.file}.{os.getpid()}.tmp"
-        try:
-            with tf.io.TFRecordWriter(str(temporary)) as writer:
-                for image_id, vector, regions in self.pending:
-                    writer.write(serialize_example(image_id, vector, regions))
-            _fsync(temporary)
-            info.bytes = temporary.stat().st_size
-            os.replace(temporary, self.path / info.file)
-        finally:
-            temporary.unlink(missing_ok=True)
-        ids = [image_id for image_id, _, _ in self.pending]
-        atomic_write_bytes(self.path / info.ids, json.dumps(ids).encode("utf-8"))
-        self.manifest["shards"].append(asdict(info))
+        info = write_shard(self.path, self.next_number, self.pending)
+        self.add_shards([(info, [image_id for image_id, _, _ in self.pending])])
+        self.pending.clear()
+
+    def add_shards(self, written: list[tuple[ShardInfo, list[str]]]) -> None:
+        """List finished shards (entry, ids) in the manifest, rewritten once atomically: now readers see them."""
+        if not written:
+            return
+        for info, ids in written:
+            self.manifest["shards"].append(asdict(info))
+            self.done.update(ids)
         self.manifest["images"] = sum(entry["images"] for entry in self.manifest["shards"])
         atomic_write_bytes(self.path / MANIFEST_FILE, json.dumps(self.manifest, indent=1).encode("utf-8"))
-        self.done.update(ids)
-        self.pending.clear()
 
     def finish(self) -> None:
         self.flush()

@@ -6,6 +6,8 @@ RUN_DIR/config.json        the encoder that made the features, the model config,
 RUN_DIR/history.csv        per-epoch figures; RUN_DIR/curves.png the same as a plot
 RUN_DIR/last_epoch.keras   + last_epoch.json: the whole model with its optimizer after the last
                            finished epoch, for --resume
+RUN_DIR/.backup/           a distributed run's BackupAndRestore state while it trains: the same command,
+                           run again after a failure, continues from it
 
 `config.json` holds each fact once: the encoder's name, image size, preprocessing and weights at the
 top, and the model's hyper-parameters (feature size, vocabulary size, longest caption) under "model".
@@ -23,6 +25,7 @@ import csv
 import io
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +53,7 @@ MODEL_FILE, VOCABULARY_FILE, CONFIG_FILE, HISTORY_FILE, CURVES_FILE = (
     "curves.png",
 )
 CHECKPOINT_FILE, STATE_FILE = "last_epoch.keras", "last_epoch.json"
+BACKUP_DIR = ".backup"  # a distributed run's keras.callbacks.BackupAndRestore folder, gone when training ends
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN = PROJECT_ROOT / "pretrained" / "flickr8k_merge_lite0"
 
@@ -162,10 +166,22 @@ class RunDir:
 
         return keras.saving.load_model(self.file(CHECKPOINT_FILE))
 
+    def backup_epoch(self) -> int | None:
+        """Return the epoch a distributed run's backup restarts from, or None when there is no backup."""
+        path = self.file(BACKUP_DIR) / "training_metadata.json"
+        if not path.is_file():
+            return None
+        try:
+            return int(json.loads(path.read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunDirError(
+                f"{path}: unreadable backup state ({error}); delete {path.parent} to start over"
+            ) from None
+
     def check_start(self, resume: bool) -> None:
-        """Refuse a resume without an interrupted run, and a fresh start over one."""
-        interrupted = self.file(STATE_FILE).is_file()
-        if resume and not interrupted:
+        """Refuse a resume without an interrupted run, and a fresh start over one (a backup continues)."""
+        interrupted = self.file(STATE_FILE).is_file() and self.backup_epoch() is None
+        if resume and not self.file(STATE_FILE).is_file():
             raise RunDirError(f"{self.path}: nothing to resume (no {STATE_FILE}); start without --resume")
         if not resume and interrupted:
             raise RunDirError(
@@ -202,6 +218,32 @@ class RunDir:
                 f"config.json {vocab_size}"
             )
         return CaptionRun(self.path, model, vocabulary, config)
+
+
+@dataclass
+class WorkerRuns:
+    """The run directory a training process reads (the chief's) and the one it writes: the same one for
+    the chief, a scratch folder for every other worker of a distributed run (removed by `close` unless
+    given as `worker_dir`)."""
+
+    source: RunDir
+    run: RunDir
+    scratch: Path | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, is_chief: bool = True, worker_dir: str | Path | None = None) -> WorkerRuns:
+        source = RunDir(path)
+        if is_chief:
+            return cls(source, source)
+        if worker_dir is not None:
+            Path(worker_dir).mkdir(parents=True, exist_ok=True)
+            return cls(source, RunDir(worker_dir))
+        scratch = Path(tempfile.mkdtemp(prefix="captioning-worker-"))
+        return cls(source, RunDir(scratch), scratch)
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def model_config(config: dict, path: Path) -> CaptionModelConfig:

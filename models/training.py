@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features.shards import shard_error
+from features.shards import is_shard_read_error, shard_error
 from features.store import (
     FeatureStore,
     FeatureStoreError,
@@ -28,7 +28,17 @@ from features.store import (
 )
 from models.config import CaptionModelConfig
 from models.decoders import DecoderError, build_decoder_model, get_decoder
-from models.rundir import CURVES_FILE, HISTORY_FILE, MODEL_FILE, VOCABULARY_FILE, RunDir
+from models.distribute import Replicas, distribution, keras_distributed_fixes
+from models.rundir import (
+    BACKUP_DIR,
+    CURVES_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    VOCABULARY_FILE,
+    RunDir,
+    WorkerRuns,
+    model_config,
+)
 from pipeline.batches import CaptionSequence, encode_captions
 from pipeline.captions import SplitCaptions, select_split
 from pipeline.datasets import CaptionDataset, as_dataset
@@ -53,6 +63,9 @@ class TrainingOptions:
     patience: int = 5
     embeddings: str | None = None  # GloVe-format text file to initialise the word embedding from
     limit_train: int | None = None  # train on the first N images of the train split only (quick comparisons)
+    distribute: str = "none"  # models.distribute.DISTRIBUTE_CHOICES; batch_size is then per replica
+    cpu_devices: int | None = None  # mirrored without a GPU: split the CPU into this many logical devices
+    backup_every: int | None = None  # distributed: back up every N steps (None: at the end of every epoch)
 
 
 @dataclass
@@ -276,9 +289,39 @@ class TrainingInputs:
     data: CaptionData
     train: CaptionSequence | CaptionStream
     dev: CaptionSequence | CaptionStream | None
+    replicas: Replicas
+
+    def datasets(self):
+        """Return (train, dev, steps per epoch) for `model.fit`: the train batches repeat and an epoch is
+        their count in one pass (Keras 3.15 counts one optimizer iteration too many when a pass ends the
+        data, which moves Adam's bias correction). Under a distributed strategy, a sharded store's
+        batches are made per worker (its own shards; an epoch is the split's batches over the replicas,
+        so every worker runs as many steps) and every replica reads the whole dev split; an in-memory
+        store's global batches are split among the local replicas by Keras."""
+        dev = self.dev
+        if not self.replicas.distributed or self.store.in_memory:
+            return self.train.as_dataset().repeat(), None if dev is None else dev.as_dataset(), len(self.train)
+        strategy, train = self.replicas.strategy, self.train
+        train_batches = strategy.distribute_datasets_from_function(
+            lambda context: train.as_dataset(context.input_pipeline_id, context.num_input_pipelines).repeat()
+        )
+        dev_batches = None if dev is None else strategy.distribute_datasets_from_function(every_replica(dev))
+        return train_batches, dev_batches, -(-len(train) // self.replicas.count)
 
     def close(self) -> None:
         self.store.close()
+
+
+def every_replica(batches: CaptionStream):
+    """Return the dataset function giving every replica every one of `batches` (each batch repeated for
+    the worker's replicas in turn): each replica's loss is then the whole split's, and so is their mean,
+    and no replica is ever left with an empty batch at the end of the split (the LSTM cannot run on one)."""
+
+    def dataset(context):
+        local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        return batches.as_dataset().flat_map(lambda *batch: tf.data.Dataset.from_tensors(batch).repeat(local_replicas))
+
+    return dataset
 
 
 def train_caption_model(
@@ -289,59 +332,120 @@ def train_caption_model(
     model_options: dict | None = None,
     resume: bool = False,
     verbose: int | None = None,
+    worker_dir: str | Path | None = None,
 ) -> TrainingResult:
-    """Train (or resume) a caption model and write its run directory."""
+    """Train (or resume) a caption model and write its run directory (under a distributed strategy,
+    the chief writes it; another worker writes to `worker_dir`, by default a scratch folder)."""
     dataset = as_dataset(dataset)
-    run = RunDir(run_dir)
-    run.check_start(resume)
+    replicas = distribution(options.distribute, options.cpu_devices)
+    source = RunDir(run_dir)
+    if replicas.is_chief:
+        source.check_start(resume)
+    continuing = resume or (replicas.distributed and source.backup_epoch() is not None)
+    model_options = dict(source.read_config()["model"] if continuing else model_options or {})
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
-    model_options = dict(run.read_config()["model"] if resume else model_options or {})
-    inputs = load_training_inputs(run, features, dataset, options, model_options.get("decoder", "merge"), resume)
+    decoder = model_options.get("decoder", "merge")
+    inputs = load_training_inputs(source, features, dataset, options, decoder, continuing, replicas)
+    runs = WorkerRuns.open(run_dir, replicas.is_chief, worker_dir)
     try:
-        if resume:
-            model, past_rows, initial_epoch = resume_model(run)
-        else:
-            model, config, coverage = new_model(inputs, options, model_options, verbose)
-            write_training_config(run, inputs, options, config, coverage, features, dataset)
-            past_rows, initial_epoch = [], 0
         verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose  # a bar on a terminal
-        history, seconds = fit(run, model, inputs, options, past_rows, initial_epoch, verbose)
+        with replicas.strategy.scope():
+            start = start_model(runs, inputs, options, model_options, resume, verbose)
+        if start.config is not None:
+            write_training_config(runs.run, inputs, options, start.config, start.coverage, features, dataset)
+        history, seconds = fit(runs, start.model, inputs, options, start.past_rows, start.initial_epoch, verbose)
+        return save_best_model(runs.run, start.model, inputs, len(history.epoch), seconds)
     finally:
         inputs.close()
-    return save_best_model(run, model, inputs, len(history.epoch), seconds)
+        runs.close()
 
 
 def load_training_inputs(
-    run: RunDir, features: str | Path, dataset: CaptionDataset, options: TrainingOptions, decoder: str, resume: bool
+    run: RunDir,
+    features: str | Path,
+    dataset: CaptionDataset,
+    options: TrainingOptions,
+    decoder: str,
+    resume: bool,
+    replicas: Replicas | None = None,
 ) -> TrainingInputs:
-    """Phase 1: open the feature store (either kind), select the captions, build the batches."""
+    """Phase 1: open the feature store (either kind), select the captions, build the batches (a
+    sharded store's of one replica, an in-memory store's of all replicas together)."""
+    replicas = replicas or distribution()
     try:
         spatial = get_decoder(decoder).reads_regions
     except DecoderError as error:
         raise TrainingError(str(error)) from None
     store = open_feature_store(features)
     try:
+        if store.in_memory and replicas.kind == "multi-worker":
+            raise TrainingError(
+                f"{features}: --distribute multi-worker reads a sharded store, each worker its own shards; "
+                f"convert it: python extract_features.py --convert {features} --out FOLDER"
+            )
+        batch = options.batch_size if not store.in_memory else replicas.global_batch(options.batch_size)
         vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
         data = prepare_caption_data(store, dataset, options.min_count, vocabulary, None, options.limit_train, spatial)
-        train = caption_batches(store, data.train, data, options.batch_size, True, options.seed, spatial)
-        dev = (
-            caption_batches(store, data.dev, data, options.batch_size, False, 0, spatial)
-            if data.dev.image_ids
-            else None
-        )
+        train = caption_batches(store, data.train, data, batch, True, options.seed, spatial)
+        dev = caption_batches(store, data.dev, data, batch, False, 0, spatial) if data.dev.image_ids else None
+        if not store.in_memory:
+            check_every_worker_has_data(store, data.train.image_ids, replicas.workers)
     except BaseException:
         store.close()
         raise
-    return TrainingInputs(store, spatial, data, train, dev)
+    return TrainingInputs(store, spatial, data, train, dev, replicas)
 
 
-def resume_model(run: RunDir) -> tuple[keras.Model, list[dict], int]:
-    """Phase 2 on --resume: the last checkpoint (with its optimizer), the history up to it, its epoch."""
-    initial_epoch = run.epochs_done()
-    rows = [r for r in run.read_history() if int(r["epoch"]) < initial_epoch]
-    run.write_history(rows)  # an epoch logged after the last checkpoint is run again
-    return run.load_checkpoint(), rows, initial_epoch
+def check_every_worker_has_data(store, image_ids: list[str], workers: int) -> None:
+    """Refuse a split of the shards in which some worker would hold no train image (it would have no batches)."""
+    for worker in range(workers):
+        try:
+            paths = store.shard_paths(image_ids, worker, workers)
+        except FeatureStoreError as error:
+            raise TrainingError(str(error)) from None
+        if not paths:
+            raise TrainingError(
+                f"{store.path}: worker {worker} of {workers} gets no shard with train images; extract with a "
+                "smaller --shard-size so every worker's share holds some"
+            )
+
+
+@dataclass
+class ModelStart:
+    """The model a fit starts from, the history rows it continues, its first epoch; on a fresh start,
+    the config and word-vector coverage that config.json records."""
+
+    model: keras.Model
+    past_rows: list[dict]
+    initial_epoch: int
+    config: CaptionModelConfig | None = None
+    coverage: EmbeddingCoverage | None = None
+
+
+def start_model(
+    runs: WorkerRuns, inputs: TrainingInputs, options: TrainingOptions, model_options: dict, resume: bool, verbose: int
+) -> ModelStart:
+    """Phase 2: the model to fit (built in the strategy's scope), the history it continues, its first epoch.
+
+    --resume: the last epoch checkpoint, with its optimizer. A distributed run with a backup (a worker
+    failed; the same command was run again): a new model, which BackupAndRestore fills from the backup
+    at the start of the fit. Otherwise a new model."""
+    if resume:
+        initial_epoch = runs.source.epochs_done()
+        model = runs.source.load_checkpoint()
+    else:
+        initial_epoch = runs.source.backup_epoch() if inputs.replicas.distributed else None
+        if initial_epoch is None:
+            model, config, coverage = new_model(inputs, options, model_options, verbose)
+            return ModelStart(model, [], 0, config, coverage)
+        model = build_caption_model(model_config(runs.source.read_config(), runs.source.path))
+        compile_caption_model(model, options.learning_rate)
+        if verbose:
+            print(f"{runs.source.path}: continuing from the backup at epoch {initial_epoch}")
+    rows = [r for r in runs.source.read_history() if int(r["epoch"]) < initial_epoch]
+    runs.run.write_history(rows)  # an epoch logged after the checkpoint (or backup) is run again
+    return ModelStart(model, rows, initial_epoch)
 
 
 def new_model(
@@ -398,6 +502,7 @@ def write_training_config(
         "train_images": len(data.train.image_ids),
         "dev_images": len(data.dev.image_ids),
         "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
+        "distribution": inputs.replicas.to_config(options.batch_size),
     }
     if coverage is not None:
         run_config["embeddings"] = {
@@ -410,7 +515,7 @@ def write_training_config(
 
 
 def fit(
-    run: RunDir,
+    runs: WorkerRuns,
     model: keras.Model,
     inputs: TrainingInputs,
     options: TrainingOptions,
@@ -419,7 +524,7 @@ def fit(
     verbose: int,
 ) -> tuple[keras.callbacks.History, float]:
     """Phase 4: `model.fit` with the callbacks, which go on from the whole run's history after --resume."""
-    monitor = "val_loss" if inputs.dev is not None else "loss"
+    run, monitor = runs.run, "val_loss" if inputs.dev is not None else "loss"
     past = [float(r[monitor]) for r in past_rows if r.get(monitor)]
     callbacks = [
         keras.callbacks.ModelCheckpoint(
@@ -432,6 +537,7 @@ def fit(
         ResumedReduceLROnPlateau(monitor=monitor, factor=0.5, patience=2, min_lr=1e-5, history=past),
         keras.callbacks.CSVLogger(run.file(HISTORY_FILE), append=initial_epoch > 0),
         EpochCheckpoint(run),
+        *backup_callbacks(runs, inputs.replicas, options.backup_every),
     ]
     if verbose:
         print(
@@ -439,21 +545,53 @@ def fit(
             f"{0 if inputs.dev is None else inputs.dev.caption_count} dev captions, "
             f"vocabulary {len(inputs.data.vocabulary)}"
         )
+        if inputs.replicas.distributed:
+            print(inputs.replicas.describe(options.batch_size))
+    train, dev, steps_per_epoch = inputs.datasets()
     started = time.perf_counter()
     try:
-        history = model.fit(
-            inputs.train.as_dataset(),
-            validation_data=None if inputs.dev is None else inputs.dev.as_dataset(),
-            epochs=options.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        with keras_distributed_fixes(inputs.replicas.strategy):
+            history = model.fit(
+                train,
+                validation_data=dev,
+                epochs=options.epochs,
+                steps_per_epoch=steps_per_epoch,
+                initial_epoch=initial_epoch,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
-        if inputs.store.in_memory:
+        if inputs.store.in_memory or not is_shard_read_error(error):
             raise
         raise shard_error(inputs.store.path, error) from None
     return history, time.perf_counter() - started
+
+
+class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that writes to this worker's folder but restores from the chief's (TensorFlow's
+    own multi-worker recipe): every worker then starts again from the same state."""
+
+    def __init__(self, restore_dir: Path, backup_dir: Path, save_freq: int | str = "epoch"):
+        super().__init__(str(backup_dir), save_freq=save_freq)
+        self.restore_dir = restore_dir
+
+    def on_train_begin(self, logs=None):
+        if self.restore_dir == Path(self.backup_dir):
+            return super().on_train_begin(logs)
+        writing = (self._weights_path, self._training_metadata_path)
+        self._weights_path = str(self.restore_dir / "latest.weights.h5")
+        self._training_metadata_path = str(self.restore_dir / "training_metadata.json")
+        try:
+            super().on_train_begin(logs)
+        finally:
+            self._weights_path, self._training_metadata_path = writing
+
+
+def backup_callbacks(runs: WorkerRuns, replicas: Replicas, every: int | None) -> list[keras.callbacks.Callback]:
+    """Return the fault-tolerance backup of a distributed run (every `every` steps, else every epoch)."""
+    if not replicas.distributed:
+        return []
+    return [WorkerBackupAndRestore(runs.source.file(BACKUP_DIR), runs.run.file(BACKUP_DIR), every or "epoch")]
 
 
 def save_best_model(

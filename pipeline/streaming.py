@@ -75,12 +75,14 @@ class CaptionStream:
         widths = list(range(LENGTH_BUCKET, self.max_caption_length, LENGTH_BUCKET)) + [self.max_caption_length]
         return [width + 1 for width in widths]
 
-    def as_dataset(self):
-        """Return the batches as a `tf.data.Dataset` (unknown length; one pass is one epoch)."""
+    def as_dataset(self, worker: int = 0, workers: int = 1):
+        """Return the batches as a `tf.data.Dataset` (unknown length; one pass is one epoch); of worker
+        `worker` of `workers`, the captions of its share of the shards (`ShardedStore.shard_paths`)."""
         import tensorflow as tf
 
         key = "regions" if self.spatial else "image"
-        samples = self.store.records(self.image_ids, self.spatial, self.seed if self.shuffle else None)
+        seed = self.seed if self.shuffle else None
+        samples = self.store.records(self.image_ids, self.spatial, seed, worker=worker, workers=workers)
         samples = samples.map(self._expander(tf, key), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
         samples = samples.map(lambda features, tokens: (features, _dense(tokens, tf)))
         if self.shuffle:
@@ -133,8 +135,13 @@ class CaptionStream:
         return expand
 
     def __len__(self) -> int:
-        """Return about how many batches an epoch has (bucketing leaves a part-filled batch per length)."""
-        return -(-self.caption_count // self.batch_size)
+        """Return the batches of one pass: with shuffling, each length bucket's captions over its batch
+        size, rounded up (a part-filled batch per bucket at the end); the order does not change it."""
+        if not self.shuffle:
+            return -(-self.caption_count // self.batch_size)
+        buckets = np.searchsorted(self.bucket_boundaries(), self.caption_lengths, side="right")
+        counts = np.bincount(buckets, minlength=len(self.bucket_batch_sizes()))
+        return int(sum(-(-int(n) // size) for n, size in zip(counts, self.bucket_batch_sizes(), strict=True)))
 
 
 def _dense(tokens, tf):

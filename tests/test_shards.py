@@ -290,3 +290,23 @@ def test_the_classifier_reads_a_sharded_store_as_it_reads_a_pickle(tmp_path, tin
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
     pickled.close()
+
+
+def test_a_new_shard_is_numbered_after_the_highest_listed_even_with_gaps(tmp_path):
+    from features.shards import finished_shard, write_shard
+
+    store = tmp_path / "s"
+    writer = ShardWriter(store, META, 2, "float32")
+    assert writer.next_number == 0
+    records = [(f"{i}.jpg", np.full(6, i, np.float32), np.zeros((2, 2, 3), np.float16)) for i in range(3)]
+    # A Beam run numbers shards before decoding: shard 1, all of it unreadable, was never written.
+    written = [write_shard(store, number, records[n : n + 1]) for n, number in ((0, 0), (1, 2))]
+    assert finished_shard(store, 1) is None
+    writer.add_shards([(info, [records[n][0]]) for n, info in enumerate(written)])
+    assert writer.next_number == 3
+    again = ShardWriter(store, META, 2, "float32")  # a later single-process run goes on after shard 2
+    again.add(["2.jpg"], records[2][1][None], records[2][2][None])
+    again.finish()
+    reopened = ShardedStore.open(store)
+    assert [s.file for s in reopened.shards] == [f"shard-0000{n}.tfrecord" for n in (0, 2, 3)]
+    np.testing.assert_array_equal(reopened.matrix(["0.jpg", "1.jpg", "2.jpg"])[:, 0], [0, 1, 2])
