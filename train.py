@@ -128,24 +128,6 @@ def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
-    critical = parser.add_argument_group(
-        "self-critical training",
-        "fine-tune a trained run on CIDEr-D (Rennie et al. 2017): sample captions, reward each with its CIDEr-D "
-        "(plus --meteor-weight times its METEOR), keep the epoch with the best dev reward; --epochs, --lr, --seed, "
-        "--patience, --limit-train apply, decoder options come from the run",
-    )
-    critical.add_argument("--self-critical", type=Path, metavar="RUN_DIR", help="the trained run to start from")
-    critical.add_argument("--samples", type=int, default=5, help="captions sampled per image")
-    critical.add_argument("--batch-images", type=int, default=50, help="images per update")
-    critical.add_argument(
-        "--meteor-weight",
-        type=float,
-        default=0.0,
-        help="reward CIDEr-D + this weight * METEOR (default 0: CIDEr-D alone); METEOR runs in Java",
-    )
-
-
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse impossible values with argparse's one-line error."""
     positive = ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images")
