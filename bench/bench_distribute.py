@@ -4,7 +4,8 @@
 
 The real Flickr8k features (the pickle store, converted once to shards of 512 images), the merge model
 with the default recipe, teacher forcing for `--epochs` on the first `--limit-train` train images,
-global batch 64 in every row, interleaved:
+global batch 64 in every row, interleaved (`--repeats` rounds, each in a rotated order; the table has
+each setup's mean):
 - one process (`--distribute none`, batch 64, TensorFlow's default threads: both cores);
 - two workers on 127.0.0.1 (`--distribute multi-worker`, 32 per replica, one intra-op thread each);
 - MirroredStrategy over two logical CPUs in one process (`--distribute mirrored --cpu-devices 2`, 32 per
@@ -26,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -41,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES, help="pickle store to convert to shards")
     parser.add_argument("--limit-train", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the three setups, each round in a new order")
     return parser.parse_args(argv)
 
 
@@ -97,35 +101,51 @@ def run_cluster(command: list[str], out: Path) -> dict:
     return figures(logs[0].read_text(), time.perf_counter() - started)
 
 
+SETUPS = {
+    "one process (`--distribute none`), batch 64": (64, ()),
+    "two workers on loopback (`multi-worker`), 32 per replica": (32, ("cluster",)),
+    "two logical CPUs (`mirrored --cpu-devices 2`), 32 per replica": (
+        32,
+        ("--distribute", "mirrored", "--cpu-devices", "2"),
+    ),
+}
+
+
+def run_setup(name: str, shards: Path, args: argparse.Namespace, round_: int) -> dict:
+    """Run one setup of SETUPS into a fresh run directory; return its figures."""
+    batch, extra = SETUPS[name]
+    out = OUT / f"{list(SETUPS).index(name)}_{round_}"
+    for folder in (out, out.with_name(out.name + "_worker1")):
+        shutil.rmtree(folder, ignore_errors=True)
+    if extra == ("cluster",):
+        return run_cluster(train_command(shards, out, batch, args), out)
+    return run_one(train_command(shards, out, batch, args, *extra))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     shards = shards_of(args.features)
-    for name in ("single", "cluster", "cluster_worker1", "mirrored"):
-        shutil.rmtree(OUT / name, ignore_errors=True)
-    rows = {
-        "one process (`--distribute none`), batch 64": run_one(train_command(shards, OUT / "single", 64, args)),
-        "two workers on loopback (`multi-worker`), 32 per replica": run_cluster(
-            train_command(shards, OUT / "cluster", 32, args), OUT / "cluster"
-        ),
-        "two logical CPUs (`mirrored --cpu-devices 2`), 32 per replica": run_one(
-            train_command(shards, OUT / "mirrored", 32, args, "--distribute", "mirrored", "--cpu-devices", "2")
-        ),
-    }
-    single = rows["one process (`--distribute none`), batch 64"]
-    table = [[name, f"{r['seconds']:.0f} s", r["steps"], f"{r['steps_per_s']:.2f}",
+    names, runs = list(SETUPS), {name: [] for name in SETUPS}
+    for round_ in range(args.repeats):
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
+            runs[name].append(run_setup(name, shards, args, round_))
+            print(name, runs[name][-1], flush=True)
+    rows = {name: {key: float(np.mean([r[key] for r in found])) for key in found[0]} for name, found in runs.items()}
+    single = rows[names[0]]
+    table = [[name, f"{r['seconds']:.0f} s", f"{r['steps']:.0f}", f"{r['steps_per_s']:.2f}",
               f"{r['steps_per_s'] / single['steps_per_s']:.2f}x", f"{r['dev_loss']:.4f}", f"{r['wall']:.0f} s"]
              for name, r in rows.items()]  # fmt: skip
     report = Report(
         "Training past one device on one 2-core machine (issue 19)",
         f"Merge model, Flickr8k features from shards (512 images a shard), first {args.limit_train} train images, "
-        f"{args.epochs} epoch(s), global batch 64 in every row; one after the other in this run.",
+        f"{args.epochs} epoch(s), global batch 64 in every row; {args.repeats} round(s), the setups interleaved "
+        "(each round in a rotated order), the mean of the rounds in the table.",
         [
             markdown_table(
                 ["setup", "fit", "steps", "steps/s", "vs one process", "dev loss", "wall (with start-up)"], table
             )
         ],  # fmt: skip
-        side_by_side=False,
     )
     report.notes.append(
         "Two processes on two cores: each worker has one intra-op thread and they synchronise the gradients of "

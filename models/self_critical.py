@@ -32,8 +32,9 @@ from features.store import open_feature_store
 from models.decoders import get_decoder
 from models.rundir import CaptionRun, RunDir, load_run
 from models.search import DecodingOptions, SpecialTokens, beam_search, sample_captions
-from models.training import TrainingError, describe_device, select_train_dev
+from models.training import TrainingError, describe_device
 from pipeline.batches import LENGTH_BUCKET
+from pipeline.caption_arrays import select_train_dev
 from pipeline.captions import SplitCaptions
 from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.metrics import stop_meteor

@@ -40,7 +40,14 @@ from models.rundir import (
     model_config,
 )
 from pipeline.batches import CaptionSequence, encode_captions
-from pipeline.captions import SplitCaptions, select_split
+from pipeline.caption_arrays import (
+    CaptionData,
+    EncodedCaptions,
+    caption_data,
+    encode_caption_data_apart,
+    select_train_dev,  # noqa: F401  (models.distillation imports it from here)
+)
+from pipeline.captions import SplitCaptions
 from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.embeddings import EmbeddingCoverage, WordVectors, embedding_matrix, read_word_vectors
 from pipeline.streaming import CaptionStream
@@ -68,16 +75,6 @@ class TrainingOptions:
     backup_every: int | None = None  # distributed: back up every N steps (None: at the end of every epoch)
 
 
-@dataclass
-class CaptionData:
-    """The train and dev captions that have features, and the vocabulary built from train."""
-
-    vocabulary: Vocabulary
-    max_caption_length: int
-    train: SplitCaptions
-    dev: SplitCaptions
-
-
 def prepare_caption_data(
     store,
     dataset: CaptionDataset,
@@ -89,14 +86,16 @@ def prepare_caption_data(
 ) -> CaptionData:
     """Return train/dev captions restricted to images with features (and spatial maps, when `regions`
     are given or `spatial`), and the train vocabulary. `store`: either kind of feature store."""
-    train, dev = select_train_dev(dataset, stored_ids(store, regions, spatial), limit_train)
-    if not train.image_ids:
+    return with_train_images(
+        caption_data(dataset, stored_ids(store, regions, spatial), min_count, vocabulary, limit_train), dataset
+    )
+
+
+def with_train_images(data: CaptionData, dataset: CaptionDataset) -> CaptionData:
+    """Return `data`, refused when no train image has features."""
+    if not data.train.image_ids:
         raise TrainingError(f"no train-split image of {dataset.root} has features in the store")
-    train_captions = [c for i in train.image_ids for c in train.captions[i]]
-    if vocabulary is None:
-        vocabulary = Vocabulary.build(train_captions, min_count)
-    max_caption_length = max(len(c) for c in train_captions) + 2  # + <start>, <end>
-    return CaptionData(vocabulary, max_caption_length, train, dev)
+    return data
 
 
 def stored_ids(store, regions: SpatialMaps | None = None, spatial: bool = False) -> set[str]:
@@ -104,24 +103,24 @@ def stored_ids(store, regions: SpatialMaps | None = None, spatial: bool = False)
     return store.image_ids(spatial) if regions is None else set(store.features) & set(regions.index)
 
 
-def select_train_dev(
-    dataset: CaptionDataset, available: set[str], limit_train: int | None = None
-) -> tuple[SplitCaptions, SplitCaptions]:
-    """Return the cleaned train (its first `limit_train` images) and dev captions of images in `available`."""
-    captions = dataset.captions()
-    train = select_split(captions, dataset.split_ids("train")[:limit_train], available)
-    return train, select_split(captions, dataset.split_ids("dev"), available)
-
-
 def caption_batches(
-    store, split: SplitCaptions, data: CaptionData, batch_size: int, shuffle: bool, seed: int, spatial: bool
+    store,
+    split: SplitCaptions,
+    data: CaptionData,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    spatial: bool,
+    encoded: EncodedCaptions | None = None,
 ) -> CaptionSequence | CaptionStream:
-    """Return one split's batches: indexed in memory from a pickle store, streamed from a sharded one."""
+    """Return one split's batches: indexed in memory from a pickle store, streamed from a sharded one
+    (its captions `encoded` already, or encoded here)."""
     if store.in_memory:
         regions = store.spatial_maps() if spatial else None
         return caption_sequence(store, split, data, batch_size, shuffle, seed, regions)
-    captions = (split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
-    return CaptionStream(store, *captions, batch_size=batch_size, shuffle=shuffle, seed=seed, spatial=spatial)
+    if encoded is None:
+        encoded = EncodedCaptions.encode(split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
+    return CaptionStream(store, encoded, data.max_caption_length, batch_size, shuffle, seed, spatial)
 
 
 def caption_sequence(
@@ -292,21 +291,28 @@ class TrainingInputs:
     replicas: Replicas
 
     def datasets(self):
-        """Return (train, dev, steps per epoch) for `model.fit`: the train batches repeat and an epoch is
-        their count in one pass (Keras 3.15 counts one optimizer iteration too many when a pass ends the
-        data, which moves Adam's bias correction). Under a distributed strategy, a sharded store's
-        batches are made per worker (its own shards; an epoch is the split's batches over the replicas,
-        so every worker runs as many steps) and every replica reads the whole dev split; an in-memory
-        store's global batches are split among the local replicas by Keras."""
-        dev = self.dev
+        """Return (train, dev, steps per epoch, dev steps) for `model.fit`.
+
+        The train batches repeat and an epoch is their count in one pass (Keras 3.15 counts one
+        optimizer iteration too many when a pass ends the data, which moves Adam's bias correction);
+        streamed dev batches repeat too, and a validation is one pass (else Keras warns every epoch
+        that the input "ran out of data"). Under a distributed strategy, a sharded store's batches are
+        made per worker (its own shards; an epoch is the split's batches over the replicas, so every
+        worker runs as many steps) and every replica reads the whole dev split; an in-memory store's
+        global batches are split among the local replicas by Keras."""
+        dev, train = self.dev, self.train
+        dev_steps = None if dev is None or self.store.in_memory else len(dev)
         if not self.replicas.distributed or self.store.in_memory:
-            return self.train.as_dataset().repeat(), None if dev is None else dev.as_dataset(), len(self.train)
-        strategy, train = self.replicas.strategy, self.train
+            dev_batches = None if dev is None else dev.as_dataset()
+            if dev_steps is not None:
+                dev_batches = dev_batches.repeat()
+            return train.as_dataset().repeat(), dev_batches, len(train), dev_steps
+        strategy = self.replicas.strategy
         train_batches = strategy.distribute_datasets_from_function(
             lambda context: train.as_dataset(context.input_pipeline_id, context.num_input_pipelines).repeat()
         )
         dev_batches = None if dev is None else strategy.distribute_datasets_from_function(every_replica(dev))
-        return train_batches, dev_batches, -(-len(train) // self.replicas.count)
+        return train_batches, dev_batches, -(-len(train) // self.replicas.count), dev_steps
 
     def close(self) -> None:
         self.store.close()
@@ -319,7 +325,8 @@ def every_replica(batches: CaptionStream):
 
     def dataset(context):
         local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
-        return batches.as_dataset().flat_map(lambda *batch: tf.data.Dataset.from_tensors(batch).repeat(local_replicas))
+        each = batches.as_dataset().flat_map(lambda *batch: tf.data.Dataset.from_tensors(batch).repeat(local_replicas))
+        return each.repeat()
 
     return dataset
 
@@ -386,9 +393,19 @@ def load_training_inputs(
             )
         batch = options.batch_size if not store.in_memory else replicas.global_batch(options.batch_size)
         vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
-        data = prepare_caption_data(store, dataset, options.min_count, vocabulary, None, options.limit_train, spatial)
-        train = caption_batches(store, data.train, data, batch, True, options.seed, spatial)
-        dev = caption_batches(store, data.dev, data, batch, False, 0, spatial) if data.dev.image_ids else None
+        selection = (options.min_count, vocabulary, options.limit_train)
+        if store.in_memory:
+            data, encoded = caption_data(dataset, store.image_ids(spatial), *selection), None
+        else:  # streamed: the captions never held here as Python objects (pipeline/caption_arrays.py)
+            encoded = encode_caption_data_apart(dataset, store.image_ids(spatial), *selection)
+            data = encoded.data
+        with_train_images(data, dataset)
+        train = caption_batches(store, data.train, data, batch, True, options.seed, spatial, encoded and encoded.train)
+        dev = (
+            caption_batches(store, data.dev, data, batch, False, 0, spatial, encoded and encoded.dev)
+            if data.dev.image_ids
+            else None
+        )
         if not store.in_memory:
             check_every_worker_has_data(store, data.train.image_ids, replicas.workers)
     except BaseException:
@@ -547,7 +564,7 @@ def fit(
         )
         if inputs.replicas.distributed:
             print(inputs.replicas.describe(options.batch_size))
-    train, dev, steps_per_epoch = inputs.datasets()
+    train, dev, steps_per_epoch, dev_steps = inputs.datasets()
     started = time.perf_counter()
     try:
         with keras_distributed_fixes(inputs.replicas.strategy):
@@ -556,6 +573,7 @@ def fit(
                 validation_data=dev,
                 epochs=options.epochs,
                 steps_per_epoch=steps_per_epoch,
+                validation_steps=dev_steps,
                 initial_epoch=initial_epoch,
                 callbacks=callbacks,
                 verbose=verbose,

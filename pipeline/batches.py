@@ -8,10 +8,11 @@ the classic merge-model objective, linear instead of quadratic in caption length
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import keras
 import numpy as np
+
+from pipeline.caption_arrays import encoded_captions
 
 LENGTH_BUCKET = 8  # pad each batch to a multiple of this, so only a few shapes get compiled
 
@@ -25,18 +26,6 @@ def encode_captions(
         rows.append(row)
         sequences.append(ids)
     return np.array(rows, dtype=np.int64), sequences
-
-
-def encoded_captions(
-    image_ids: list[str], captions: dict[str, list[list[str]]], vocabulary, max_caption_length: int
-) -> Iterator[tuple[int, list[int]]]:
-    """Yield (image row, token ids truncated to max_caption_length) for every caption, image by image."""
-    for row, image_id in enumerate(image_ids):
-        for words in captions[image_id]:
-            ids = vocabulary.encode(words)
-            if len(ids) > max_caption_length:
-                ids = ids[: max_caption_length - 1] + [vocabulary.end_id]
-            yield row, ids
 
 
 def pad_batch(sequences: list[list[int]], max_caption_length: int) -> np.ndarray:

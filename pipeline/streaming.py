@@ -18,11 +18,10 @@ store's order, padded the same way, so its loss is the figure `CaptionSequence` 
 
 from __future__ import annotations
 
-from array import array
-
 import numpy as np
 
-from pipeline.batches import LENGTH_BUCKET, encoded_captions
+from pipeline.batches import LENGTH_BUCKET
+from pipeline.caption_arrays import EncodedCaptions
 
 SHUFFLE_CAPTIONS = 8192  # samples in the shuffle buffer at most
 SHUFFLE_BYTES = 256 << 20  # ... and at most this many bytes of features in it (spatial maps are big)
@@ -35,27 +34,18 @@ class CaptionStream:
     def __init__(
         self,
         store,
-        image_ids: list[str],
-        captions: dict[str, list[list[str]]],
-        vocabulary,
+        captions: EncodedCaptions,
         max_caption_length: int,
         batch_size: int = 32,
         shuffle: bool = True,
         seed: int = 0,
         spatial: bool = False,
     ):
-        self.store, self.image_ids, self.spatial = store, list(image_ids), spatial
+        self.store, self.image_ids, self.spatial = store, list(captions.image_ids), spatial
         self.max_caption_length, self.batch_size = max_caption_length, batch_size
         self.shuffle, self.seed = shuffle, seed
-        # Compact token storage: one flat int32 array and two length arrays, never a list per caption.
-        tokens, lengths, per_image = array("i"), array("q"), np.zeros(len(self.image_ids), np.int64)
-        for row, ids in encoded_captions(self.image_ids, captions, vocabulary, max_caption_length):
-            tokens.extend(ids)
-            lengths.append(len(ids))
-            per_image[row] += 1
-        self.tokens = np.frombuffer(tokens, dtype=np.int32)
-        self.caption_lengths, self.captions_per_image = np.frombuffer(lengths, dtype=np.int64), per_image
-        self.caption_count = len(lengths)
+        self.tokens, self.caption_lengths = captions.tokens, captions.caption_lengths
+        self.captions_per_image, self.caption_count = captions.captions_per_image, captions.caption_count
 
     def shuffle_buffer(self) -> int:
         """Return the shuffle buffer's size in samples: `SHUFFLE_CAPTIONS`, fewer for big features."""

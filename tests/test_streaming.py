@@ -10,6 +10,7 @@ import pytest
 from features.shards import ShardWriter, convert_store
 from features.store import FeatureStore, FeatureStoreError, open_feature_store
 from pipeline.batches import CaptionSequence, encode_captions
+from pipeline.caption_arrays import EncodedCaptions
 from pipeline.streaming import CaptionStream
 from pipeline.vocabulary import Vocabulary
 
@@ -57,7 +58,9 @@ def sharded(tmp_path_factory):
 
 def test_a_stream_holds_exactly_the_in_memory_samples(sharded):
     store, split_ids, captions, vectors, vocabulary = sharded
-    stream = CaptionStream(store, split_ids, captions, vocabulary, 23, batch_size=8, shuffle=True, seed=1)
+    stream = CaptionStream(
+        store, EncodedCaptions.encode(split_ids, captions, vocabulary, 23), 23, batch_size=8, shuffle=True, seed=1
+    )
     rows, sequences = encode_captions(split_ids, captions, vocabulary, 23)
     memory = CaptionSequence(np.stack([vectors[i] for i in split_ids]), rows, sequences, 23, batch_size=8)
     streamed = samples(stream.as_dataset())
@@ -70,7 +73,9 @@ def test_a_stream_holds_exactly_the_in_memory_samples(sharded):
 
 def test_batches_group_captions_of_a_length_and_epochs_reshuffle(sharded):
     store, split_ids, captions, _, vocabulary = sharded
-    stream = CaptionStream(store, split_ids, captions, vocabulary, 23, batch_size=8, shuffle=True, seed=1)
+    stream = CaptionStream(
+        store, EncodedCaptions.encode(split_ids, captions, vocabulary, 23), 23, batch_size=8, shuffle=True, seed=1
+    )
     dataset = stream.as_dataset()
     first = [np.asarray(t) for _, t, _ in dataset]
     second = [np.asarray(t) for _, t, _ in dataset]
@@ -88,7 +93,9 @@ def test_batches_group_captions_of_a_length_and_epochs_reshuffle(sharded):
         assert len(targets) <= sizes[targets.shape[1] + 1]
     assert max(len(t) for t in first) == sizes[8] > 8
     # Without shuffling: batches of 8 captions in the store's order, padded alike; two passes are the same.
-    fixed = CaptionStream(store, split_ids, captions, vocabulary, 23, batch_size=8, shuffle=False).as_dataset()
+    fixed = CaptionStream(
+        store, EncodedCaptions.encode(split_ids, captions, vocabulary, 23), 23, batch_size=8, shuffle=False
+    ).as_dataset()
     passes = [[np.asarray(t) for _, t, _ in fixed] for _ in range(2)]
     assert all(np.array_equal(a, b) for a, b in zip(*passes, strict=True))
     assert [len(t) for t in passes[0][:-1]] == [8] * (len(passes[0]) - 1)
@@ -101,7 +108,9 @@ def test_spatial_maps_stream_as_regions(tmp_path, tiny_spatial_store):
     ids = sorted(pickled.features)[:5]
     captions = {i: [["a", "red", "box"], ["red"]] for i in ids}
     vocabulary = Vocabulary.build(captions[ids[0]], min_count=1)
-    stream = CaptionStream(store, ids, captions, vocabulary, 5, batch_size=4, shuffle=True, spatial=True)
+    stream = CaptionStream(
+        store, EncodedCaptions.encode(ids, captions, vocabulary, 5), 5, batch_size=4, shuffle=True, spatial=True
+    )
     assert stream.shuffle_buffer() == 2139  # 256 MiB of 7x7x1280 float16 maps (125,440 bytes each)
     found = samples(stream.as_dataset(), key="regions", longest=5)
     expected = {
@@ -112,7 +121,7 @@ def test_spatial_maps_stream_as_regions(tmp_path, tiny_spatial_store):
     assert set(found) == expected
     with pytest.raises(FeatureStoreError, match="no spatial maps"):
         vector_store = convert_store(_without_maps(tmp_path, pickled), tmp_path / "vector_shards")
-        CaptionStream(vector_store, ids, captions, vocabulary, 5, spatial=True).as_dataset()
+        CaptionStream(vector_store, EncodedCaptions.encode(ids, captions, vocabulary, 5), 5, spatial=True).as_dataset()
     pickled.close()
 
 
@@ -163,3 +172,28 @@ def test_an_attention_run_trains_on_streamed_maps(tiny_flickr, tiny_spatial_stor
     model_options = {"decoder": "attention", "cell": "gru", "units": 16, "embedding_dim": 8, "dropout": 0.1}
     result = train_caption_model(shards.path, tiny_flickr, tmp_path / "run", options, model_options, verbose=0)
     assert result.epochs_run == 2 and np.isfinite(result.best_val_loss)
+
+
+def test_captions_encoded_in_a_child_process_are_those_encoded_here(tiny_flickr):
+    from pipeline.caption_arrays import encode_caption_data, encode_caption_data_apart
+    from pipeline.captions import CaptionFileError
+    from pipeline.datasets import open_dataset
+
+    dataset = open_dataset(tiny_flickr)
+    available = set(dataset.captions())
+    here = encode_caption_data(open_dataset(tiny_flickr), available, 1, limit_train=5)
+    apart = encode_caption_data_apart(open_dataset(tiny_flickr), available, 1, limit_train=5)
+    assert apart.data.vocabulary.words == here.data.vocabulary.words
+    assert apart.data.max_caption_length == here.data.max_caption_length
+    for ours, theirs in ((apart.train, here.train), (apart.dev, here.dev)):
+        assert ours.image_ids == theirs.image_ids and ours.caption_count == theirs.caption_count > 0
+        np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+        np.testing.assert_array_equal(ours.caption_lengths, theirs.caption_lengths)
+    assert len(here.train.image_ids) == 5 and here.data.train.captions == {}  # the Python captions are dropped
+    unread = open_dataset(tiny_flickr)  # its captions are read in the child, after the file is gone
+    (tiny_flickr / "Flickr8k.token.txt").rename(tiny_flickr / "moved.txt")
+    try:
+        with pytest.raises(CaptionFileError, match="Flickr8k.token.txt"):  # raised in the child, seen here
+            encode_caption_data_apart(unread, available, 1)
+    finally:
+        (tiny_flickr / "moved.txt").rename(tiny_flickr / "Flickr8k.token.txt")
