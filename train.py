@@ -5,6 +5,8 @@ python train.py --features features/store/flickr8k_efficientnet_lite0.pkl --out 
 python train.py --decoder attention --embeddings glove.6B.300d.txt --out runs/attention
 python train.py --self-critical runs/merge --epochs 12 --out runs/merge_scst
 python train.py --self-critical runs/attention --epochs 3 --meteor-weight 3 --out runs/attention_scst
+python train.py --distill-from pretrained/flickr8k_merge_lite0 --epochs 7 --batch-size 64 --dropout 0.3 --out runs/kd
+python train.py --distill-from runs/att_s0 runs/att_s1 --teacher-captions 2 --teacher-beam 5 --out runs/kd_att
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     add_distribute_arguments(parser)
     add_self_critical_arguments(parser)
+    add_distillation_arguments(parser)
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -128,6 +131,31 @@ def add_self_critical_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.search import DecodingOptions
+
+    distil = parser.add_argument_group(
+        "sequence-level distillation",
+        "train a student with teacher forcing on the human captions plus a teacher's beam-search captions of "
+        "every train image (Kim and Rush 2016; models/distillation.py); the teacher captions go to --out/teacher/ "
+        "in chunks, and --resume continues the teacher pass or the training, whichever was interrupted",
+    )
+    distil.add_argument(
+        "--distill-from",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="the teacher: run or ensemble directories, decoded together as one model",
+    )
+    distil.add_argument("--teacher-captions", type=int, default=1, help="the teacher's N best beams per image")
+    distil.add_argument(
+        "--teacher-beam",
+        type=int,
+        default=DecodingOptions.beam,
+        help="the teacher's beam width (length penalty and trigram block: the decoding defaults)",
+    )
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse impossible values with argparse's one-line error."""
     positive = ("epochs", "batch_size", "min_count", "units", "embedding_dim", "limit_train", "batch_images")
@@ -148,6 +176,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--cpu-devices splits the CPU for --distribute mirrored")
     if args.samples < 2:
         parser.error("--samples must be at least 2 (each sample's baseline is the mean of the others)")
+    if args.distill_from and args.self_critical is not None:
+        parser.error("--distill-from trains a new student; fine-tune it afterwards with --self-critical")
+    if args.distill_from and args.distribute == "multi-worker":
+        parser.error("--distill-from runs its teacher pass in one process; use --distribute none or mirrored")
+    if not 1 <= args.teacher_captions <= args.teacher_beam:
+        parser.error("--teacher-captions must be between 1 and --teacher-beam")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.self_critical is not None:
         return self_critical(args, errors)
+    if args.distill_from:
+        return distil(args, errors, options, model_options)
     with clean_errors(*errors):
         dataset = open_dataset(args.data, dataset_options(args))
         result = train_caption_model(
@@ -230,6 +266,33 @@ def self_critical(args: argparse.Namespace, errors: tuple) -> int:
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev "
         f"{result.criterion} {result.start_dev_score:.4f} at the start, best {result.best_dev_score:.4f} "
         f"(epoch {result.best_epoch})"
+    )
+    return 0
+
+
+def distil(args: argparse.Namespace, errors: tuple, options, model_options: dict) -> int:
+    from models.distillation import DistillationError, TeacherOptions, teacher_captions, train_student
+    from models.search import DecodingOptions
+    from pipeline.datasets import open_dataset
+
+    with clean_errors(*errors, DistillationError):
+        teacher = TeacherOptions(
+            tuple(str(path) for path in args.distill_from),
+            args.teacher_captions,
+            DecodingOptions(beam=args.teacher_beam),
+        )
+        dataset = open_dataset(args.data, dataset_options(args))
+        captions = teacher_captions(args.features, dataset, args.out, teacher, args.limit_train, args.resume)
+        print(
+            f"teacher captions: {captions.images} images in {captions.chunks} chunks ({captions.chunks_reused} from "
+            f"an earlier pass), {captions.seconds:.0f} s now, {captions.total_seconds:.0f} s in all",
+            flush=True,
+        )
+        training = train_student(args.features, dataset, args.out, captions, teacher, options, model_options)
+    print(
+        f"{training.run_dir}: {training.epochs_run} epochs in {training.seconds:.0f} s on {training.device}; "
+        f"{training.train_captions} train captions (human + teacher)"
+        + (f"; best dev loss {training.best_val_loss:.4f}" if training.best_val_loss is not None else "")
     )
     return 0
 

@@ -16,7 +16,8 @@
    cleaned, counted into a vocabulary and encoded: what grows with the captions (vocabulary aside);
    "while training" is what the steps add on top (features, shuffle buffer, batches, the model). From
    shards, as train.py does, the captions are read, cleaned and encoded in a spawned child process
-   (pipeline/caption_arrays.py) whose peak is the last column; the training process never holds them.
+   (pipeline/caption_arrays.py); the training process never holds them (the child's own peak is not
+   measured here: `RUSAGE_CHILDREN` would mix in every other child; see BENCHMARKS.md).
 3. One teacher-forcing epoch on the real Flickr8k features from the pickle store and from shards
    converted from it (float32, exact), for each of `--seeds`, interleaved: seconds, and the dev loss per
    word of the saved model on the same dev batches for every run (the val_loss `fit` reports is a mean
@@ -262,7 +263,6 @@ def train_child(kind: str, features: str, data: str, out: str) -> None:
         "rss_start_mb": started_rss, "rss_prepared_mb": prepared_rss, "peak_preparing_mb": prepared_peak,
         "peak_training_mb": rss_mb("VmHWM"), "steps_per_s": ARGS.steps / (times[-1] - times[ARGS.warmup - 1]),
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "child_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # the caption child's
     }  # fmt: skip
     Path(out).write_text(json.dumps(result))
 
@@ -287,12 +287,11 @@ def training_runs(sizes: list[int]) -> tuple[str, dict]:
         shutil.rmtree(folder)
     rows = [[f"{train:,}", kind, f"{f['captions']:,}", f"{f['vocabulary']:,}", f"{f['rss_prepared_mb']:.0f}",
              f"{f['peak_preparing_mb']:.0f}", f"{f['peak_training_mb']:.0f}",
-             f"{f['peak_training_mb'] - f['rss_prepared_mb']:.0f}", f"{f['steps_per_s']:.2f}",
-             f"{f['child_peak_mb']:.0f}" if f.get("child_peak_mb") else "-"]
+             f"{f['peak_training_mb'] - f['rss_prepared_mb']:.0f}", f"{f['steps_per_s']:.2f}"]
             for (train, kind), f in figures.items()]  # fmt: skip
     headers = ["train images", "store", "train captions", "vocabulary", "RSS after preparing (MB)",
                "peak while preparing (MB)", "peak RSS while training (MB)", "added while training (MB)",
-               "steps/s (batch 64)", "peak of the child preparing captions (MB)"]  # fmt: skip
+               "steps/s (batch 64)"]  # fmt: skip
     return markdown_table(headers, rows), figures
 
 

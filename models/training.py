@@ -45,7 +45,6 @@ from pipeline.caption_arrays import (
     EncodedCaptions,
     caption_data,
     encode_caption_data_apart,
-    select_train_dev,  # noqa: F401  (models.distillation imports it from here)
 )
 from pipeline.captions import SplitCaptions
 from pipeline.datasets import CaptionDataset, as_dataset

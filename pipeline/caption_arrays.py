@@ -5,19 +5,25 @@ vocabulary from train. A trainer that streams from shards needs only each captio
 holding the captions as Python objects would make its memory grow with the dataset: COCO's 616k
 captions cost about 300 MB of strings, lists and dicts (the caption file parsed, then cleaned), which
 Python keeps after they are freed. `encode_caption_data_apart` therefore reads, cleans and encodes them
-in a spawned child process and hands back `EncodedCaptions` (a flat int32 array and two length arrays,
-a few bytes a word): the trainer's memory then hardly depends on the number of captions
-(BENCHMARKS.md, "COCO-sized data").
-
-Nothing here imports Keras or TensorFlow, so the child starts in about a second.
+in a child process (`python -m pipeline.caption_arrays`, the request and the answer pickled through two
+temporary files) and hands back `EncodedCaptions` (a flat int32 array and two length arrays, a few bytes
+a word): the trainer's memory then hardly depends on the number of captions (BENCHMARKS.md,
+"COCO-sized data"). A plain child process, not `multiprocessing`'s spawn, which would import the
+launching script (and with train.py, TensorFlow) again; nothing here imports Keras or TensorFlow, so
+the child starts in about a second.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -137,7 +143,36 @@ def encode_caption_data_apart(
     vocabulary: Vocabulary | None = None,
     limit_train: int | None = None,
 ) -> EncodedCaptionData:
-    """Return `encode_caption_data(...)`, computed in a spawned child process (see the module's docstring);
-    an error there (a malformed caption file) is raised here."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(encode_caption_data, (dataset, available, min_count, vocabulary, limit_train))
+    """Return `encode_caption_data(...)`, computed in a child process (see the module's docstring); an
+    error there (a malformed caption file) is raised here."""
+    project = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="captions-") as folder:
+        request, answer = Path(folder) / "request.pickle", Path(folder) / "answer.pickle"
+        request.write_bytes(pickle.dumps((dataset, available, min_count, vocabulary, limit_train)))
+        command = [sys.executable, "-m", "pipeline.caption_arrays", str(request), str(answer)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not answer.is_file():
+            detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"the caption-preparing child process failed ({detail})")
+        result = pickle.loads(answer.read_bytes())
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _serve_request(request: Path, answer: Path) -> None:
+    """In the child: answer one pickled request with the pickled result, or the pickled error."""
+    try:
+        result = encode_caption_data(*pickle.loads(request.read_bytes()))
+    except Exception as error:  # every error goes back to the parent, which raises it
+        result = error
+    answer.write_bytes(pickle.dumps(result))
+
+
+if __name__ == "__main__":
+    # Run as `python -m pipeline.caption_arrays`: import this module under its own name, so that what is
+    # pickled back names `pipeline.caption_arrays` classes, not `__main__` ones.
+    from pipeline.caption_arrays import _serve_request as serve
+
+    serve(Path(sys.argv[1]), Path(sys.argv[2]))

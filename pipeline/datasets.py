@@ -94,6 +94,48 @@ class CaptionDataset(ABC):
         return f"{type(self).__name__}({str(self.root)!r})"
 
 
+class WithExtraCaptions(CaptionDataset):
+    """A dataset with more captions for images of one split (a teacher's, for distillation).
+
+    Its splits, image paths and the other splits' captions are the wrapped dataset's; each image of
+    `split` named in `extra` gets those captions after its own. `run_facts` adds `facts` (what made the
+    extra captions) under `key`. Not a format on disk: `open_dataset` never returns one.
+    """
+
+    def __init__(
+        self, base: CaptionDataset, extra: Captions, split: str = "train", facts: dict | None = None, key: str = "extra"
+    ) -> None:
+        super().__init__(base.root, base.options)
+        self.base, self.extra, self.split, self.facts, self.key = base, extra, split, facts or {}, key
+        self.splits = base.splits
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return False
+
+    def run_facts(self) -> dict:
+        return {**self.base.run_facts(), self.key: self.facts}
+
+    def _read_captions(self) -> Captions:
+        in_split = set(self.base.split_ids(self.split))
+        outside = [image_id for image_id in self.extra if image_id not in in_split]
+        if outside:
+            raise CaptionFileError(
+                f"{self.root}: {len(outside)} images with extra captions are not in the {self.split} split "
+                f"(e.g. {outside[0]})"
+            )
+        captions = dict(self.base.captions())
+        for image_id, more in self.extra.items():
+            captions[image_id] = [*captions.get(image_id, []), *more]
+        return captions
+
+    def _read_split(self, split: str) -> list[str]:
+        return self.base.split_ids(split)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.base.image_path(image_id)
+
+
 FORMATS: list[type[CaptionDataset]] = []  # tried in registration order by `open_dataset`
 
 

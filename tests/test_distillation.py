@@ -1,0 +1,216 @@
+"""Sequence-level distillation (models/distillation.py, train.py --distill-from) on the tiny folder and run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from features.store import open_feature_store
+from models.captioner import Captioner
+from models.distillation import (
+    DistillationError,
+    TeacherCaptions,
+    TeacherOptions,
+    caption_train_images,
+    distil_caption_model,
+)
+from models.rundir import RunDir
+from models.search import DecodingOptions
+from models.training import TrainingOptions, prepare_caption_data
+from pipeline.captions import CaptionFileError, clean_caption
+from pipeline.datasets import WithExtraCaptions, open_dataset
+
+TRAIN_IDS = [f"{colour}_{k}.jpg" for colour in ("red", "green", "blue") for k in range(3)]  # conftest's split
+DECODING = DecodingOptions(beam=3)
+
+
+def _teacher_options(tiny_run, **changes) -> TeacherOptions:
+    settings = {"captions_per_image": 2, "decoding": DECODING, "chunk_images": 4}  # 9 train images: 3 chunks
+    return TeacherOptions((str(tiny_run),), **{**settings, **changes})
+
+
+def _two_best_beams(teacher: Captioner, store_path) -> dict[str, list[str]]:
+    """Each train image's two best beams, decoded straight from the store's features."""
+    decoded = teacher.decode(open_feature_store(store_path).matrix(TRAIN_IDS), DECODING)
+    return {
+        image: [" ".join(teacher.vocabulary.decode(h.tokens)) for h in hypotheses[:2]]
+        for image, hypotheses in zip(TRAIN_IDS, decoded, strict=True)
+    }
+
+
+def test_the_teacher_captions_written_are_its_beam_search_of_those_images(tiny_run, tiny_flickr, tiny_store, tmp_path):
+    teacher = Captioner.load(tiny_run)
+    run = RunDir(tmp_path / "student")
+    result = caption_train_images(teacher, tiny_store, open_dataset(tiny_flickr), run, _teacher_options(tiny_run))
+    expected = _two_best_beams(teacher, tiny_store)
+    assert result.captions == expected
+    assert (result.images, result.chunks, result.chunks_reused) == (9, 3, 0)
+    files = TeacherCaptions(run)
+    assert sorted(p.name for p in files.folder.iterdir()) == [
+        "captions_00000.json",
+        "captions_00001.json",
+        "captions_00002.json",
+        "config.json",
+    ]
+    first = json.loads(files.chunk_path(0).read_text())  # COCO results format, best beam first
+    assert first[:2] == [{"image_id": "red_0.jpg", "caption": c} for c in expected["red_0.jpg"]]
+    manifest = files.read_manifest()
+    assert manifest["teacher"]["runs"] == [str(tiny_run)] and manifest["images"] == 9
+
+
+def test_the_student_trains_on_human_and_teacher_captions_and_dev_keeps_the_human_ones(tiny_flickr, tiny_store):
+    dataset = open_dataset(tiny_flickr)
+    teacher = {"red_0.jpg": ["a teacher caption"], "blue_2.jpg": ["another one", "and a third"]}
+    student = WithExtraCaptions(dataset, teacher, "train", {"teacher": "t"}, key="distillation")
+    data = prepare_caption_data(open_feature_store(tiny_store), student, min_count=1)
+    human = dataset.captions()
+    assert data.train.captions["red_0.jpg"] == [clean_caption(c) for c in human["red_0.jpg"]] + [
+        ["a", "teacher", "caption"]
+    ]
+    assert len(data.train.captions["blue_2.jpg"]) == len(human["blue_2.jpg"]) + 2
+    assert data.train.captions["green_0.jpg"] == [clean_caption(c) for c in human["green_0.jpg"]]
+    assert data.dev.image_ids == ["red_3.jpg", "green_3.jpg", "blue_3.jpg"]
+    for image in data.dev.image_ids:
+        assert data.dev.captions[image] == [clean_caption(c) for c in human[image]]
+    assert student.run_facts() == {**dataset.run_facts(), "distillation": {"teacher": "t"}}
+    with pytest.raises(CaptionFileError, match="not in the train split"):
+        WithExtraCaptions(dataset, {"red_3.jpg": ["a dev image"]}).captions()
+
+
+def test_a_killed_teacher_pass_resumes_without_redoing_finished_chunks(
+    tiny_run, tiny_flickr, tiny_store, tmp_path, monkeypatch
+):
+    teacher, dataset, options = Captioner.load(tiny_run), open_dataset(tiny_flickr), _teacher_options(tiny_run)
+    run = RunDir(tmp_path / "student")
+    write_chunk = TeacherCaptions.write_chunk
+
+    def killed_after_the_first_chunk(self, index, captions, seconds):
+        write_chunk(self, index, captions, seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TeacherCaptions, "write_chunk", killed_after_the_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        caption_train_images(teacher, tiny_store, dataset, run, options, progress=False)
+    monkeypatch.undo()
+    first = TeacherCaptions(run).chunk_path(0)
+    assert first.is_file() and not TeacherCaptions(run).chunk_path(1).exists()
+    written, seconds_before = first.stat().st_mtime_ns, TeacherCaptions(run).seconds()
+    assert seconds_before > 0  # the killed pass's finished chunk kept its time
+    decoded = []
+    decode = teacher.decode
+    monkeypatch.setattr(teacher, "decode", lambda features, o: decoded.append(len(features)) or decode(features, o))
+    result = caption_train_images(teacher, tiny_store, dataset, run, options, progress=False)
+    assert decoded == [4, 1] and result.chunks_reused == 1  # chunks 1 and 2 only
+    assert first.stat().st_mtime_ns == written
+    assert result.total_seconds > seconds_before
+    whole = caption_train_images(teacher, tiny_store, dataset, RunDir(tmp_path / "whole"), options, progress=False)
+    assert result.captions == whole.captions
+    with pytest.raises(DistillationError, match="captions_per_image"):  # other settings never mix in
+        caption_train_images(teacher, tiny_store, dataset, run, _teacher_options(tiny_run, captions_per_image=1))
+
+
+def test_the_student_trains_and_its_run_loads_and_captions(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
+    import train
+
+    out = tmp_path / "student"
+    args = ["--features", str(tiny_store), "--data", str(tiny_flickr), "--out", str(out), "--distill-from"]
+    args += [str(tiny_run), "--teacher-captions", "2", "--epochs", "2", "--batch-size", "8", "--min-count", "1"]
+    assert train.main([*args, "--units", "16", "--embedding-dim", "8", "--lr", "0.01"]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher captions: 9 images in 1 chunks (0 from an earlier pass)" in printed
+    assert "2 epochs in" in printed and "45 train captions (human + teacher)" in printed  # 9 x (3 + 2)
+    config = json.loads((out / "config.json").read_text())
+    facts = config["distillation"]
+    assert facts["runs"] == [str(tiny_run)] and facts["captions_per_image"] == 2
+    assert (facts["teacher_images"], facts["teacher_captions"], facts["decoding"]["beam"]) == (9, 18, 3)
+    student = Captioner.load(out)
+    store = open_feature_store(tiny_store)
+    captions = student.caption_features(["red_3.jpg"], store.matrix(["red_3.jpg"]), DecodingOptions(beam=2))
+    assert captions[0].image == "red_3.jpg" and len(captions[0].beams) == 2
+    with pytest.raises(SystemExit):  # a fresh start over it is refused, as for any run
+        train.main([*args, "--units", "16"])
+    assert "already holds a distillation run; pass --resume" in capsys.readouterr().err
+
+
+def test_a_missing_teacher_is_one_error_line(tiny_flickr, tiny_store, tmp_path, capsys):
+    import train
+
+    args = ["--features", str(tiny_store), "--data", str(tiny_flickr), "--out", str(tmp_path / "student")]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*args, "--distill-from", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: teacher: {tmp_path / 'nope'}: no such run directory")
+
+
+def test_a_teacher_of_another_encoder_is_one_error_line(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
+    import train
+
+    teacher = tmp_path / "lite2_teacher"
+    shutil.copytree(tiny_run, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "encoder": "efficientnet_lite2"}))
+    out = tmp_path / "student"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--features", str(tiny_store), "--data", str(tiny_flickr), "--out", str(out), "--distill-from",
+                    str(teacher)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "reads efficientnet_lite2" in err and "holds efficientnet_lite0" in err
+    assert not out.exists()  # nothing written before the teacher is checked
+
+
+def test_the_teacher_settings_are_checked(tiny_run):
+    with pytest.raises(DistillationError, match="between 1 and the teacher's beam"):
+        TeacherOptions((str(tiny_run),), captions_per_image=4, decoding=DecodingOptions(beam=3))
+    with pytest.raises(DistillationError, match="at least one run"):
+        TeacherOptions(())
+
+
+def test_training_options_carry_over_to_the_student(tiny_run, tiny_flickr, tiny_store, tmp_path):
+    options = TrainingOptions(epochs=1, batch_size=8, learning_rate=1e-2, min_count=1, limit_train=3)
+    result = distil_caption_model(
+        tiny_store, tiny_flickr, tmp_path / "s", _teacher_options(tiny_run), options, {"units": 8}, verbose=0
+    )
+    assert result.teacher.images == 3 and result.training.train_captions == 3 * (3 + 2)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["train_images"] == 3
+
+
+def test_resume_after_a_killed_teacher_pass_finishes_it_then_trains(
+    tiny_run, tiny_flickr, tiny_store, tmp_path, monkeypatch
+):
+    from models.rundir import RunDirError
+
+    options = TrainingOptions(epochs=1, batch_size=8, learning_rate=1e-2, min_count=1)
+    args = (tiny_store, tiny_flickr, tmp_path / "s", _teacher_options(tiny_run), options, {"units": 8})
+    write_chunk = TeacherCaptions.write_chunk
+
+    def killed_after_the_first_chunk(*args):
+        write_chunk(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TeacherCaptions, "write_chunk", killed_after_the_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        distil_caption_model(*args, verbose=0)
+    monkeypatch.undo()
+    assert not (tmp_path / "s" / "config.json").exists()  # no training yet
+    with pytest.raises(RunDirError, match="pass --resume"):
+        distil_caption_model(*args, verbose=0)
+    result = distil_caption_model(*args, resume=True, verbose=0)
+    assert (result.teacher.chunks_reused, result.training.epochs_run) == (1, 1)
+
+
+def test_a_sharded_store_gives_its_beam_search_captions_and_trains_the_student(
+    tiny_run, tiny_flickr, tiny_store, tmp_path
+):
+    from features.shards import convert_store
+
+    shards = convert_store(tiny_store, tmp_path / "shards", shard_size=4)
+    options = TrainingOptions(epochs=1, batch_size=8, learning_rate=1e-2, min_count=1)
+    result = distil_caption_model(
+        shards.path, tiny_flickr, tmp_path / "s", _teacher_options(tiny_run), options, {"units": 8}, verbose=0
+    )
+    assert result.teacher.captions == _two_best_beams(Captioner.load(tiny_run), shards.path)
+    assert result.training.train_captions == 9 * (3 + 2)  # the streamed batches hold the teacher's captions too
