@@ -576,6 +576,7 @@ def fit(
                 initial_epoch=initial_epoch,
                 callbacks=callbacks,
                 verbose=verbose,
+                shuffle=False,  # the batches shuffle themselves (Keras would warn that it ignores True)
             )
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
         if inputs.store.in_memory or not is_shard_read_error(error):
