@@ -237,7 +237,7 @@ def train_child(kind: str, features: str, data: str, out: str) -> None:
     from features.store import open_feature_store
     from models.config import CaptionModelConfig
     from models.training import build_caption_model, caption_batches, compile_caption_model, prepare_caption_data
-    from pipeline.caption_arrays import encode_caption_data_apart
+    from pipeline.caption_arrays import CaptionSelection, encode_caption_data_apart
     from pipeline.datasets import open_dataset
 
     keras.utils.set_random_seed(0)
@@ -246,7 +246,7 @@ def train_child(kind: str, features: str, data: str, out: str) -> None:
     if store.in_memory:  # as train.py prepares each kind (models.training.load_training_inputs)
         data_, encoded = prepare_caption_data(store, dataset, 5, pool_vocabulary()), None
     else:
-        encoded = encode_caption_data_apart(dataset, store.image_ids(), 5, pool_vocabulary())
+        encoded = encode_caption_data_apart(dataset, store.image_ids(), CaptionSelection(5, pool_vocabulary()))
         data_ = encoded.data
     batches = caption_batches(store, data_.train, data_, 64, True, 0, False, encoded and encoded.train)
     config = CaptionModelConfig(vocab_size=len(data_.vocabulary), max_caption_length=data_.max_caption_length,

@@ -178,9 +178,10 @@ class RunDir:
                 f"{path}: unreadable backup state ({error}); delete {path.parent} to start over"
             ) from None
 
-    def check_start(self, resume: bool) -> None:
-        """Refuse a resume without an interrupted run, and a fresh start over one (a backup continues)."""
-        interrupted = self.file(STATE_FILE).is_file() and self.backup_epoch() is None
+    def check_start(self, resume: bool, distributed: bool = False) -> None:
+        """Refuse a resume without an interrupted run, and a fresh start over one (unless `distributed`
+        and the run has a backup: the same command then continues from it)."""
+        interrupted = self.file(STATE_FILE).is_file() and not (distributed and self.backup_epoch() is not None)
         if resume and not self.file(STATE_FILE).is_file():
             raise RunDirError(f"{self.path}: nothing to resume (no {STATE_FILE}); start without --resume")
         if not resume and interrupted:

@@ -42,6 +42,7 @@ from models.rundir import (
 from pipeline.batches import CaptionSequence, encode_captions
 from pipeline.caption_arrays import (
     CaptionData,
+    CaptionSelection,
     EncodedCaptions,
     caption_data,
     encode_caption_data_apart,
@@ -86,7 +87,10 @@ def prepare_caption_data(
     """Return train/dev captions restricted to images with features (and spatial maps, when `regions`
     are given or `spatial`), and the train vocabulary. `store`: either kind of feature store."""
     return with_train_images(
-        caption_data(dataset, stored_ids(store, regions, spatial), min_count, vocabulary, limit_train), dataset
+        caption_data(
+            dataset, stored_ids(store, regions, spatial), CaptionSelection(min_count, vocabulary, limit_train)
+        ),
+        dataset,
     )
 
 
@@ -346,7 +350,7 @@ def train_caption_model(
     replicas = distribution(options.distribute, options.cpu_devices)
     source = RunDir(run_dir)
     if replicas.is_chief:
-        source.check_start(resume)
+        source.check_start(resume, replicas.distributed)
     continuing = resume or (replicas.distributed and source.backup_epoch() is not None)
     model_options = dict(source.read_config()["model"] if continuing else model_options or {})
     keras.utils.set_random_seed(options.seed)
@@ -392,11 +396,11 @@ def load_training_inputs(
             )
         batch = options.batch_size if not store.in_memory else replicas.global_batch(options.batch_size)
         vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
-        selection = (options.min_count, vocabulary, options.limit_train)
+        selection = CaptionSelection(options.min_count, vocabulary, options.limit_train)
         if store.in_memory:
-            data, encoded = caption_data(dataset, store.image_ids(spatial), *selection), None
+            data, encoded = caption_data(dataset, store.image_ids(spatial), selection), None
         else:  # streamed: the captions never held here as Python objects (pipeline/caption_arrays.py)
-            encoded = encode_caption_data_apart(dataset, store.image_ids(spatial), *selection)
+            encoded = encode_caption_data_apart(dataset, store.image_ids(spatial), selection)
             data = encoded.data
         with_train_images(data, dataset)
         train = caption_batches(store, data.train, data, batch, True, options.seed, spatial, encoded and encoded.train)

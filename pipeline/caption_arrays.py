@@ -54,19 +54,24 @@ def select_train_dev(
     return train, select_split(captions, dataset.split_ids("dev"), available)
 
 
-def caption_data(
-    dataset: CaptionDataset,
-    available: set[str],
-    min_count: int,
-    vocabulary: Vocabulary | None = None,
-    limit_train: int | None = None,
-) -> CaptionData:
+@dataclass(frozen=True)
+class CaptionSelection:
+    """Which captions a trainer takes: words seen `min_count` times in train (or a given `vocabulary`),
+    the first `limit_train` train images (all: None)."""
+
+    min_count: int = 5
+    vocabulary: Vocabulary | None = None
+    limit_train: int | None = None
+
+
+def caption_data(dataset: CaptionDataset, available: set[str], selection: CaptionSelection) -> CaptionData:
     """Return the train/dev captions of images in `available` and the train vocabulary (unless given).
     With no train image, the vocabulary is empty and the longest caption 2 (the caller refuses it)."""
-    train, dev = select_train_dev(dataset, available, limit_train)
+    train, dev = select_train_dev(dataset, available, selection.limit_train)
     train_captions = [c for i in train.image_ids for c in train.captions[i]]
+    vocabulary = selection.vocabulary
     if vocabulary is None:
-        vocabulary = Vocabulary.build(train_captions, min_count)
+        vocabulary = Vocabulary.build(train_captions, selection.min_count)
     max_caption_length = max((len(c) for c in train_captions), default=0) + 2  # + <start>, <end>
     return CaptionData(vocabulary, max_caption_length, train, dev)
 
@@ -120,14 +125,10 @@ class EncodedCaptionData:
 
 
 def encode_caption_data(
-    dataset: CaptionDataset,
-    available: set[str],
-    min_count: int,
-    vocabulary: Vocabulary | None = None,
-    limit_train: int | None = None,
+    dataset: CaptionDataset, available: set[str], selection: CaptionSelection
 ) -> EncodedCaptionData:
     """Return `caption_data(...)` with each split's captions encoded into token arrays (and dropped)."""
-    data = caption_data(dataset, available, min_count, vocabulary, limit_train)
+    data = caption_data(dataset, available, selection)
     encoded = [
         EncodedCaptions.encode(split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
         for split in (data.train, data.dev)
@@ -137,11 +138,7 @@ def encode_caption_data(
 
 
 def encode_caption_data_apart(
-    dataset: CaptionDataset,
-    available: set[str],
-    min_count: int,
-    vocabulary: Vocabulary | None = None,
-    limit_train: int | None = None,
+    dataset: CaptionDataset, available: set[str], selection: CaptionSelection
 ) -> EncodedCaptionData:
     """Return `encode_caption_data(...)`, computed in a child process (see the module's docstring); an
     error there (a malformed caption file) is raised here."""
@@ -149,7 +146,7 @@ def encode_caption_data_apart(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p)}
     with tempfile.TemporaryDirectory(prefix="captions-") as folder:
         request, answer = Path(folder) / "request.pickle", Path(folder) / "answer.pickle"
-        request.write_bytes(pickle.dumps((dataset, available, min_count, vocabulary, limit_train)))
+        request.write_bytes(pickle.dumps((dataset, available, selection)))
         command = [sys.executable, "-m", "pipeline.caption_arrays", str(request), str(answer)]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not answer.is_file():

@@ -248,3 +248,20 @@ def test_the_keras_fixes_apply_only_while_a_distributed_fit_runs():
         assert trainer.TensorFlowTrainer._maybe_symbolic_build is not build
         assert trainer.reduce_per_replica is reduce
     assert (trainer.reduce_per_replica, trainer.TensorFlowTrainer._maybe_symbolic_build) == (reduce, build)
+
+
+def test_a_backup_lets_only_a_distributed_rerun_continue(tmp_path):
+    from models.rundir import BACKUP_DIR, STATE_FILE, RunDir, RunDirError
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / STATE_FILE).write_text('{"epochs_done": 3}')
+    (run.path / BACKUP_DIR).mkdir()
+    (run.path / BACKUP_DIR / "training_metadata.json").write_text('{"epoch": 4, "batch": 0}')
+    assert run.backup_epoch() == 4
+    run.check_start(resume=False, distributed=True)  # the same command again: continues from the backup
+    with pytest.raises(RunDirError, match="already holds a training run"):
+        run.check_start(resume=False)  # a single-process start would overwrite the run
+    (run.path / BACKUP_DIR / "training_metadata.json").write_text("{half written")
+    with pytest.raises(RunDirError, match="unreadable backup state"):
+        run.backup_epoch()

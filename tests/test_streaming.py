@@ -175,14 +175,15 @@ def test_an_attention_run_trains_on_streamed_maps(tiny_flickr, tiny_spatial_stor
 
 
 def test_captions_encoded_in_a_child_process_are_those_encoded_here(tiny_flickr):
-    from pipeline.caption_arrays import encode_caption_data, encode_caption_data_apart
+    from pipeline.caption_arrays import CaptionSelection, encode_caption_data, encode_caption_data_apart
     from pipeline.captions import CaptionFileError
     from pipeline.datasets import open_dataset
 
     dataset = open_dataset(tiny_flickr)
     available = set(dataset.captions())
-    here = encode_caption_data(open_dataset(tiny_flickr), available, 1, limit_train=5)
-    apart = encode_caption_data_apart(open_dataset(tiny_flickr), available, 1, limit_train=5)
+    selection = CaptionSelection(min_count=1, limit_train=5)
+    here = encode_caption_data(open_dataset(tiny_flickr), available, selection)
+    apart = encode_caption_data_apart(open_dataset(tiny_flickr), available, selection)
     assert apart.data.vocabulary.words == here.data.vocabulary.words
     assert apart.data.max_caption_length == here.data.max_caption_length
     for ours, theirs in ((apart.train, here.train), (apart.dev, here.dev)):
@@ -194,6 +195,6 @@ def test_captions_encoded_in_a_child_process_are_those_encoded_here(tiny_flickr)
     (tiny_flickr / "Flickr8k.token.txt").rename(tiny_flickr / "moved.txt")
     try:
         with pytest.raises(CaptionFileError, match="Flickr8k.token.txt"):  # raised in the child, seen here
-            encode_caption_data_apart(unread, available, 1)
+            encode_caption_data_apart(unread, available, CaptionSelection(min_count=1))
     finally:
         (tiny_flickr / "moved.txt").rename(tiny_flickr / "Flickr8k.token.txt")

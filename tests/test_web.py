@@ -323,7 +323,8 @@ def test_concurrent_requests_share_one_batch(captioner):
 
 
 def test_batches_stop_at_max_batch(captioner):
-    assert batch_sizes(captioner, 5, window_ms=50, max_batch=2) == [2, 2, 2, 2, 1]
+    # Sorted: uploads are decoded on a thread pool, so which request ends up alone depends on the threads.
+    assert sorted(batch_sizes(captioner, 5, window_ms=50, max_batch=2)) == [1, 2, 2, 2, 2]
 
 
 def test_no_batching_captions_each_request_alone(captioner):
