@@ -2,7 +2,9 @@
 
     driver          the store's ids (`ShardWriter`); the images not in it, sorted, numbered into shards of
                     `shard_size` after the store's last shard (`plan_shards`)
-    Create          the plan as (shard, id, path) elements, spread over the workers by its own reshuffle
+    ReadFromText    the plan, (shard, id, path) a line, from a JSON-lines file the driver writes into the
+                    store folder (not inside the pipeline: a job description has a size limit, 10 MB on
+                    Dataflow, which millions of images would pass), then reshuffled over the workers
     DecodeImage     path -> pixels (`load_image`); an unreadable image goes to a tagged output, counted
     BatchElements   `batch_size` images at a time
     EncodeBatch     the encoder, built once per worker in `setup`; batches padded to `batch_size`
@@ -43,6 +45,7 @@ from features.store import FeatureStoreError
 METRICS_NAMESPACE = "extract_features"
 UNREADABLE = "unreadable"  # the tag of DecodeImage's output of (id, reason)
 UNREADABLE_FILE = ".beam-unreadable.json"  # in the store folder while a run is on
+PLAN_FILE = ".beam-plan.jsonl"  # the images to extract, (shard, id, path) a line; in the store folder while a run is on
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -134,12 +137,21 @@ def plan_shards(image_ids: list[str], first_number: int, shard_size: int) -> dic
     return {image_id: first_number + n // shard_size for n, image_id in enumerate(sorted(image_ids))}
 
 
-def build_pipeline(pipeline: beam.Pipeline, todo: list[tuple[int, str, str]], out: Path, settings: EncodingSettings):
-    """Add the extraction of `todo` ((shard, id, path) each) into the store at `out` to `pipeline`."""
+def write_plan(todo: list[tuple[int, str, str]], path: Path) -> None:
+    """Write the images to extract as JSON lines [shard, id, path], atomically."""
+    from features.store import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(list(item)) + "\n" for item in todo).encode("utf-8"))
+
+
+def build_pipeline(pipeline: beam.Pipeline, out: Path, settings: EncodingSettings):
+    """Add the extraction of the plan in `out`/PLAN_FILE ((shard, id, path) a line) into the store at `out`."""
     size = get_encoder_spec(settings.encoder).input_size
     decoded = (
         pipeline
-        | "Images" >> beam.Create(todo)  # reshuffled: spread over the workers
+        | "Plan" >> beam.io.ReadFromText(str(out / PLAN_FILE))
+        | "Parse" >> beam.Map(lambda line: tuple(json.loads(line)))
+        | "Spread" >> beam.Reshuffle()  # over the workers: one file is read by few
         | "Decode" >> beam.ParDo(DecodeImage(size, settings.max_pixels)).with_outputs(UNREADABLE, main="pixels")
     )
     (
@@ -190,24 +202,26 @@ def extract_features_beam(
     )  # fmt: skip
     todo = [(number, image_id, str(Path(sources[image_id]).resolve())) for image_id, number in plan.items()]
     (out / UNREADABLE_FILE).unlink(missing_ok=True)
+    write_plan(todo, out / PLAN_FILE)
     started = time.perf_counter()
     try:
-        report.counters = run_pipeline(todo, out, settings, beam_options or [])
+        report.counters = run_pipeline(out, settings, beam_options or [])
         report.failed = json.loads((out / UNREADABLE_FILE).read_text(encoding="utf-8"))
     finally:
         written = [shard for number in sorted(set(plan.values())) if (shard := finished_shard(out, number))]
         writer.add_shards(written)  # on a failure too: the finished shards are kept for the next run
         (out / UNREADABLE_FILE).unlink(missing_ok=True)
+        (out / PLAN_FILE).unlink(missing_ok=True)
     report.extracted = sum(info.images for info, _ in written)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def run_pipeline(todo: list[tuple[int, str, str]], out: Path, settings: EncodingSettings, flags: list[str]) -> dict:
+def run_pipeline(out: Path, settings: EncodingSettings, flags: list[str]) -> dict:
     """Run the extraction pipeline to its end; return its counters {name: committed value}."""
     with _project_importable_by_workers():
         pipeline = beam.Pipeline(options=PipelineOptions(flags))
-        build_pipeline(pipeline, todo, out, settings)
+        build_pipeline(pipeline, out, settings)
         try:
             result = pipeline.run()
             result.wait_until_finish()

@@ -370,6 +370,8 @@ class ShardWriter:
         self.spatial = bool(self.manifest["metadata"].get("spatial"))
         self.pending: list[tuple[str, np.ndarray, np.ndarray | None]] = []
         self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / MANIFEST_FILE).is_file():
+            self._write_manifest()  # the folder is a store (of no shards) from now: a killed first run resumes
         self._remove_unlisted()
 
     def _remove_unlisted(self) -> None:
@@ -407,6 +409,9 @@ class ShardWriter:
         for info, ids in written:
             self.manifest["shards"].append(asdict(info))
             self.done.update(ids)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
         self.manifest["images"] = sum(entry["images"] for entry in self.manifest["shards"])
         atomic_write_bytes(self.path / MANIFEST_FILE, json.dumps(self.manifest, indent=1).encode("utf-8"))
 

@@ -241,6 +241,28 @@ def test_a_kill_between_shards_resumes_from_the_finished_ones(tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
+def test_a_kill_before_the_first_shard_is_listed_resumes_too(tmp_path):
+    sources = {f"{i}.jpg": str(make_image(tmp_path / f"{i}.jpg", (i * 30, 0, 0))) for i in range(3)}
+    out = tmp_path / "shards"
+    script = (
+        "import os, features.shards as s\n"
+        "original = s.atomic_write_bytes\n"
+        "def write(path, data):\n"  # killed after the first shard's file and ids, before the manifest lists it
+        "    if path.name == 'manifest.json' and b'shard-00000' in data: os._exit(9)\n"
+        "    original(path, data)\n"
+        "s.atomic_write_bytes = write\n"
+        "from features.extract import extract_features\n"
+        f"extract_features({sources!r}, {str(out)!r}, 'efficientnet_lite0', None, batch_size=2, progress=False,"
+        " shard_size=2)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
+    assert result.returncode == 9, result.stderr.decode()[-2000:]
+    assert (out / "shard-00000.tfrecord").is_file() and len(ShardedStore.open(out)) == 0  # a store, still empty
+    report = extract_features(sources, out, "efficientnet_lite0", None, batch_size=2, progress=False, shard_size=2)
+    assert (report.already_present, report.extracted) == (0, 3)
+    assert ShardedStore.open(out).image_ids() == set(sources)
+
+
 def test_store_format_follows_the_request_the_path_or_the_size(tmp_path):
     assert choose_store_format(None, "auto", 8_000) == "pickle"
     assert choose_store_format(None, "auto", 123_287) == "shards"
