@@ -211,14 +211,14 @@ def test_extraction_into_shards_matches_the_pickle_store(tmp_path):
         extract_features(sources, tmp_path / "shards", "vgg16", None, progress=False)
 
 
-def test_a_kill_between_shards_resumes_from_the_finished_ones(tmp_path):
-    sources = {f"{i}.jpg": str(make_image(tmp_path / f"{i}.jpg", (0, i * 30, 0))) for i in range(7)}
-    out = tmp_path / "shards"
+def extract_killed_before_listing(sources: dict, out, shard: str) -> None:
+    """Extract `sources` into `out` (2 images a shard) in a process killed (os._exit) once `shard`'s file
+    and ids are written, just before the manifest would list it."""
     script = (
         "import os, features.shards as s\n"
         "original = s.atomic_write_bytes\n"
-        "def write(path, data):\n"  # killed after the third shard's file and ids, before its manifest entry
-        "    if path.name == 'manifest.json' and b'shard-00002' in data: os._exit(9)\n"
+        "def write(path, data):\n"
+        f"    if path.name == 'manifest.json' and b'{shard}' in data: os._exit(9)\n"
         "    original(path, data)\n"
         "s.atomic_write_bytes = write\n"
         "from features.extract import extract_features\n"
@@ -227,6 +227,12 @@ def test_a_kill_between_shards_resumes_from_the_finished_ones(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
     assert result.returncode == 9, result.stderr.decode()[-2000:]
+
+
+def test_a_kill_between_shards_resumes_from_the_finished_ones(tmp_path):
+    sources = {f"{i}.jpg": str(make_image(tmp_path / f"{i}.jpg", (0, i * 30, 0))) for i in range(7)}
+    out = tmp_path / "shards"
+    extract_killed_before_listing(sources, out, "shard-00002")
     assert (out / "shard-00002.tfrecord").is_file()  # written, but never listed: not part of the store
     first = ShardedStore.open(out)
     assert len(first) == 4 and [s.file for s in first.shards] == ["shard-00000.tfrecord", "shard-00001.tfrecord"]
@@ -244,19 +250,7 @@ def test_a_kill_between_shards_resumes_from_the_finished_ones(tmp_path):
 def test_a_kill_before_the_first_shard_is_listed_resumes_too(tmp_path):
     sources = {f"{i}.jpg": str(make_image(tmp_path / f"{i}.jpg", (i * 30, 0, 0))) for i in range(3)}
     out = tmp_path / "shards"
-    script = (
-        "import os, features.shards as s\n"
-        "original = s.atomic_write_bytes\n"
-        "def write(path, data):\n"  # killed after the first shard's file and ids, before the manifest lists it
-        "    if path.name == 'manifest.json' and b'shard-00000' in data: os._exit(9)\n"
-        "    original(path, data)\n"
-        "s.atomic_write_bytes = write\n"
-        "from features.extract import extract_features\n"
-        f"extract_features({sources!r}, {str(out)!r}, 'efficientnet_lite0', None, batch_size=2, progress=False,"
-        " shard_size=2)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
-    assert result.returncode == 9, result.stderr.decode()[-2000:]
+    extract_killed_before_listing(sources, out, "shard-00000")
     assert (out / "shard-00000.tfrecord").is_file() and len(ShardedStore.open(out)) == 0  # a store, still empty
     report = extract_features(sources, out, "efficientnet_lite0", None, batch_size=2, progress=False, shard_size=2)
     assert (report.already_present, report.extracted) == (0, 3)
