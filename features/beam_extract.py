@@ -40,7 +40,7 @@ from features.encoders import build_encoder, get_encoder_spec, local_weights_fil
 from features.extract import ExtractionReport, encode_batch, store_metadata
 from features.images import ImageDecodeError, load_image, max_pixels
 from features.shards import DEFAULT_SHARD_SIZE, MAP_DTYPE, ShardWriter, finished_shard, write_shard
-from features.store import FeatureStoreError
+from features.store import FeatureStoreError, atomic_write_bytes
 
 METRICS_NAMESPACE = "extract_features"
 UNREADABLE = "unreadable"  # the tag of DecodeImage's output of (id, reason)
@@ -127,8 +127,6 @@ class WriteShard(beam.DoFn):
 
 def write_unreadable(failures: list[tuple[str, str]], path: str) -> None:
     """Write the run's unreadable images as a JSON object {id: reason} (the driver reads it back)."""
-    from features.store import atomic_write_bytes
-
     atomic_write_bytes(Path(path), json.dumps(dict(sorted(failures))).encode("utf-8"))
 
 
@@ -139,8 +137,6 @@ def plan_shards(image_ids: list[str], first_number: int, shard_size: int) -> dic
 
 def write_plan(todo: list[tuple[int, str, str]], path: Path) -> None:
     """Write the images to extract as JSON lines [shard, id, path], atomically."""
-    from features.store import atomic_write_bytes
-
     atomic_write_bytes(path, "".join(json.dumps(list(item)) + "\n" for item in todo).encode("utf-8"))
 
 

@@ -378,11 +378,10 @@ def load_training_inputs(
     options: TrainingOptions,
     decoder: str,
     resume: bool,
-    replicas: Replicas | None = None,
+    replicas: Replicas,
 ) -> TrainingInputs:
     """Phase 1: open the feature store (either kind), select the captions, build the batches (a
     sharded store's of one replica, an in-memory store's of all replicas together)."""
-    replicas = replicas or distribution()
     try:
         spatial = get_decoder(decoder).reads_regions
     except DecoderError as error:
@@ -397,10 +396,11 @@ def load_training_inputs(
         batch = options.batch_size if not store.in_memory else replicas.global_batch(options.batch_size)
         vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
         selection = CaptionSelection(options.min_count, vocabulary, options.limit_train)
+        available = stored_ids(store, spatial=spatial)
         if store.in_memory:
-            data, encoded = caption_data(dataset, store.image_ids(spatial), selection), None
+            data, encoded = caption_data(dataset, available, selection), None
         else:  # streamed: the captions never held here as Python objects (pipeline/caption_arrays.py)
-            encoded = encode_caption_data_apart(dataset, store.image_ids(spatial), selection)
+            encoded = encode_caption_data_apart(dataset, available, selection)
             data = encoded.data
         with_train_images(data, dataset)
         train = caption_batches(store, data.train, data, batch, True, options.seed, spatial, encoded and encoded.train)

@@ -101,10 +101,15 @@ def kill_all(processes: list[subprocess.Popen]) -> None:
             process.wait(timeout=30)
 
 
-def run_single(command: list[str]) -> None:
-    result = subprocess.run(
+def run_process(command: list[str]) -> subprocess.CompletedProcess:
+    """Run one training process with one thread, bounded by WORKER_TIMEOUT; return what it did."""
+    return subprocess.run(
         command, env=one_thread_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT, cwd=PROJECT
     )
+
+
+def run_single(command: list[str]) -> None:
+    result = run_process(command)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
@@ -197,9 +202,7 @@ def test_mirrored_on_two_logical_cpus_trains_like_one_device(cluster_data, tmp_p
     command = train_command(
         data, store, mirrored, PER_REPLICA_BATCH, 2, "--distribute", "mirrored", "--cpu-devices", "2"
     )
-    result = subprocess.run(
-        command, env=one_thread_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT, cwd=PROJECT
-    )
+    result = run_process(command)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "mirrored: 2 replica(s) on 1 worker(s), this is worker 0 (chief); global batch 80" in result.stdout
     run_single(train_command(data, store, single, 2 * PER_REPLICA_BATCH, 2))
@@ -209,9 +212,7 @@ def test_mirrored_on_two_logical_cpus_trains_like_one_device(cluster_data, tmp_p
 def test_multi_worker_without_a_cluster_is_one_clear_error(cluster_data, tmp_path):
     data, store = cluster_data
     command = train_command(data, store, tmp_path / "run", 8, 1, "--distribute", "multi-worker")
-    result = subprocess.run(
-        command, env=one_thread_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT, cwd=PROJECT
-    )
+    result = run_process(command)
     assert result.returncode != 0
     assert "needs a cluster: set TF_CONFIG on every worker" in result.stderr
     assert "Traceback" not in result.stderr
