@@ -18,11 +18,16 @@
    shards, as train.py does, the captions are read, cleaned and encoded in a spawned child process
    (pipeline/caption_arrays.py); the training process never holds them (the child's own peak is not
    measured here: `RUSAGE_CHILDREN` would mix in every other child; see BENCHMARKS.md).
-3. One teacher-forcing epoch on the real Flickr8k features from the pickle store and from shards
+3. Classifier training memory and speed at 10k vs 113k images (each in its own process; the same
+   synthetic stores, image n of class n % 10): the dense head (256 units), batch 64, a warm-up then
+   `--steps` timed steps, streamed from the shards (`classifier.streaming.LabelledStream`, what
+   `classify.py train` does with a sharded store) and, for contrast, from the pickle store's vectors
+   read into an array (`LabelledBatches`, what it does with a pickle).
+4. One teacher-forcing epoch on the real Flickr8k features from the pickle store and from shards
    converted from it (float32, exact), for each of `--seeds`, interleaved: seconds, and the dev loss per
    word of the saved model on the same dev batches for every run (the val_loss `fit` reports is a mean
    over batches, which the two batchings weigh differently).
-4. Float16 pooled vectors on the real Flickr8k dev split, the shipped model's seed0 member: dev loss
+5. Float16 pooled vectors on the real Flickr8k dev split, the shipped model's seed0 member: dev loss
    and beam-3 captions with float32 vs float16-rounded features.
 
 Writes `bench/results_store.md`.
@@ -54,6 +59,8 @@ META = {"encoder": "efficientnet_lite0", "image_size": 224, "preprocessing": "(x
         "weights": "none", "dim": DIM, "spatial": False}  # fmt: skip
 DEV_IMAGES = 500
 FLUSH_EVERY = 512
+PARTS = ("write", "train", "classifier", "flickr")
+CLASSES = 10  # the synthetic classifier's classes: image n is of class n % CLASSES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["write", "train", "flickr"],
-        default=["write", "train", "flickr"],
+        choices=PARTS,
+        default=list(PARTS),
         help="what to run (default all; a part alone writes bench/results_store_<parts>.md)",
     )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
@@ -78,11 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-child", nargs=4, metavar=("KIND", "FEATURES", "DATA", "JSON_OUT"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--classifier-child", nargs=3, metavar=("KIND", "FEATURES", "JSON_OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.skip_flickr and "flickr" in args.parts:
         args.parts.remove("flickr")
     if args.out is None:
-        whole = set(args.parts) == {"write", "train", "flickr"}
+        whole = set(args.parts) == set(PARTS)
         args.out = ROOT / "bench" / ("results_store.md" if whole else f"results_store_{'_'.join(args.parts)}.md")
     return args
 
@@ -295,7 +303,64 @@ def training_runs(sizes: list[int]) -> tuple[str, dict]:
     return markdown_table(headers, rows), figures
 
 
-# ---- 3. a real epoch, shards vs pickle ----
+# ---- 3. classifier memory and speed ----
+
+
+def classifier_child(kind: str, features: str, out: str) -> None:
+    """In a fresh process: the train images' labels and batches, then `--steps` timed steps of the dense head."""
+    import keras
+
+    from classifier.classes import LabelledBatches
+    from classifier.model import ClassifierConfig, build_classifier, compile_classifier
+    from classifier.streaming import LabelledPart, LabelledStream, keras_data
+    from features.store import open_feature_store
+
+    keras.utils.set_random_seed(0)
+    store = open_feature_store(features)
+    labels = {image_id: int(image_id.split(".")[0]) % CLASSES for image_id in sorted(store.image_ids())}
+    if store.in_memory:  # as classifier.training.TrainingData.batches does for each kind of store
+        batches, steps = LabelledBatches(store.matrix(list(labels)), np.array(list(labels.values())), 64), None
+    else:
+        batches, steps = keras_data(LabelledStream([LabelledPart(store, labels)], 64, seed=0), repeat=True)
+    model = build_classifier(ClassifierConfig(CLASSES, DIM, (7, 7, DIM)))
+    compile_classifier(model, 1e-3)
+    prepared_rss = rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is training's
+    times: list[float] = []
+    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: times.append(time.perf_counter()))
+    model.fit(batches, steps_per_epoch=ARGS.warmup + ARGS.steps if steps else None, epochs=1, verbose=0,
+              callbacks=[timer])  # fmt: skip
+    result = {"kind": kind, "images": len(labels), "rss_prepared_mb": prepared_rss,
+              "peak_training_mb": rss_mb("VmHWM"), "steps_per_s": ARGS.steps / (times[-1] - times[ARGS.warmup - 1])}  # fmt: skip
+    Path(out).write_text(json.dumps(result))
+
+
+def classifier_runs(sizes: list[int]) -> tuple[str, dict]:
+    """Return the classifier table and figures: each size and store kind in its own process."""
+    figures = {}
+    for train in sizes:
+        folder = WORK / f"classifier_{train}"
+        folder.mkdir(exist_ok=True)
+        stores = synthetic_stores(folder, train)
+        for kind in ("shards", "pickle"):
+            out = folder / f"{kind}.json"
+            command = [sys.executable, __file__, "--classifier-child", kind, str(stores[kind]), str(out),
+                       "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup)]  # fmt: skip
+            subprocess.run(command, check=True, cwd=ROOT)
+            f = figures[(train, kind)] = json.loads(out.read_text())
+            print(
+                f"classifier {train} {kind}: {f['steps_per_s']:.1f} steps/s, peak {f['peak_training_mb']:.0f} MB",
+                flush=True,
+            )
+        shutil.rmtree(folder)
+    rows = [[f"{f['images']:,}", kind, f"{f['rss_prepared_mb']:.0f}", f"{f['peak_training_mb']:.0f}",
+             f"{f['steps_per_s']:.1f}"] for (_, kind), f in figures.items()]  # fmt: skip
+    headers = ["images", "store", "RSS with the batches ready (MB)", "peak RSS while training (MB)",
+               "steps/s (batch 64)"]  # fmt: skip
+    return markdown_table(headers, rows), figures
+
+
+# ---- 4. a real epoch, shards vs pickle ----
 
 
 def flickr_epochs() -> tuple[str, dict]:
@@ -340,7 +405,7 @@ def per_word_dev_loss(run_dir: Path) -> float:
     return total / words
 
 
-# ---- 4. float16 vectors ----
+# ---- 5. float16 vectors ----
 
 
 def float16_effect() -> tuple[str, dict]:
@@ -382,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     if ARGS.train_child:
         train_child(*ARGS.train_child)
         return 0
+    if ARGS.classifier_child:
+        classifier_child(*ARGS.classifier_child)
+        return 0
     WORK = ARGS.work or Path(tempfile.mkdtemp(prefix="bench_store_"))
     WORK.mkdir(parents=True, exist_ok=True)
     try:
@@ -404,6 +472,9 @@ def build_sections() -> tuple[list[str], dict]:
     if "train" in ARGS.parts:
         table, figures["train"] = training_runs(ARGS.train_sizes)
         sections += ["## Training memory and speed (synthetic, merge model, batch 64)", table]
+    if "classifier" in ARGS.parts:
+        table, figures["classifier"] = classifier_runs(ARGS.train_sizes)
+        sections += ["## Classifier training memory and speed (synthetic, dense head, batch 64)", table]
     if "flickr" in ARGS.parts:
         table, figures["flickr"] = flickr_epochs()
         sections += ["## One teacher-forcing epoch on the real Flickr8k features", table]
@@ -434,6 +505,15 @@ def targets_table(figures: dict) -> str:
                      f"{added[1] / added[0] - 1:+.1%} ({added[0]:.0f} -> {added[1]:.0f} MB)", "<= +15%",
                      added[1] / added[0] <= 1.15])  # fmt: skip
         rows.append([f"streamed training: steps/s {versus}", f"{speed:.2f}x", ">= 0.9x", speed >= 0.9])
+    classifier = figures.get("classifier", {})
+    sizes = sorted({t for t, _ in classifier})
+    if len(sizes) >= 2:
+        low, high = classifier[(sizes[0], "shards")], classifier[(sizes[-1], "shards")]
+        rss = high["peak_training_mb"] / low["peak_training_mb"] - 1
+        speed = high["steps_per_s"] / low["steps_per_s"]
+        versus = f"at {high['images']:,} vs {low['images']:,} images"
+        rows.append([f"streamed classifier: peak RSS {versus}", f"{rss:+.1%}", "<= +15%", rss <= 0.15])
+        rows.append([f"streamed classifier: steps/s {versus}", f"{speed:.2f}x", ">= 0.9x", speed >= 0.9])
     if "flickr" in figures:
         rows += flickr_targets(figures["flickr"])
     rows = [[what, measured, wanted, "met" if ok else "**not met**"] for what, measured, wanted, ok in rows]

@@ -21,7 +21,6 @@ from classifier.model import (
     augmented_store_path,
     default_store_path,
     load_classifier_run,
-    predict_probabilities,
     prepare_inputs,
 )
 from models.rundir import write_json
@@ -75,7 +74,7 @@ def evaluate_classifier(
     ids = [i for i in ids if i in inputs.available]
     if not ids:
         raise ClassFolderError(f"{data_dir}: no image to evaluate could be read")
-    probabilities = predict_probabilities(run.model, inputs.read(ids))
+    probabilities = inputs.probabilities(run.model, ids)
     if flip:
         probabilities = (probabilities + mirror_probabilities(run, folder.sources, ids, store_path, progress)) / 2
     labels = np.array([folder.labels[i] for i in ids])
@@ -104,7 +103,9 @@ def images_to_score(
     else:
         ids, missing = sorted(folder.sources), []
         subset = "all"
-        store_path = Path(features) if features else default_store_path(data_dir, run.config["encoder"])
+        store_path = (
+            Path(features) if features else default_store_path(data_dir, run.config["encoder"], len(folder.sources))
+        )
     if not ids:
         raise ClassFolderError(f"{data_dir}: none of the images to evaluate is there")
     return subset, ids, missing, store_path
@@ -123,7 +124,7 @@ def mirror_probabilities(
         progress,
         augment=augment_pixels,
     )
-    return predict_probabilities(run.model, mirrors.read([augmented_id(i, FLIP) for i in ids]))
+    return mirrors.probabilities(run.model, [augmented_id(i, FLIP) for i in ids])
 
 
 def draw_plots(

@@ -29,9 +29,11 @@ from keras import layers, ops
 
 from classifier.activations import activation_cache_path, cache_activations, cached_ids, read_activations
 from classifier.augment import AUGMENTATIONS
+from classifier.streaming import LabelledPart, LabelledStream, stream_probabilities
 from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
-from features.extract import ExtractionReport, extract_features
+from features.extract import ExtractionReport, choose_store_format, extract_features
 from features.images import ImageDecodeError, load_image
+from features.shards import ShardedStore, is_sharded_store, reading_shards
 from features.store import FeatureStore, FeatureStoreError, SpatialMaps, open_feature_store, spatial_path
 from models.rundir import CONFIG_FILE, MODEL_FILE, RunDirError, write_json
 
@@ -43,6 +45,7 @@ CLASSES_FILE, SPLIT_FILE = "classes.json", "split.json"
 ENCODE_BATCH = 32
 STORE_FOLDER = Path("features") / "store"
 PREDICT_CHUNK = 512  # rows widened to float32 at a time when predicting from float16 maps
+PREDICT_BATCH = 64  # images a batch when predicting from a sharded store
 FLIP = "flip"  # the test-time augmentation: a horizontal mirror (classifier.augment)
 
 
@@ -161,10 +164,13 @@ def compile_classifier(model: keras.Model, learning_rate: float, label_smoothing
 # ---- features: extracted once through the feature store, read per head ----
 
 
-def default_store_path(data_dir: str | Path, encoder: str) -> Path:
-    """Return the default feature store of a class folder: features/store/<parent>_<folder>_<encoder>.pkl."""
+def default_store_path(data_dir: str | Path, encoder: str, images: int) -> Path:
+    """Return the default feature store of a class folder of `images` images:
+    features/store/<parent>_<folder>_<encoder>.pkl, or a sharded store (the same name as a folder,
+    streamed when training) above `PICKLE_MAX_IMAGES`, as extract_features.py chooses."""
     data_dir = Path(data_dir).resolve()
-    return STORE_FOLDER / f"{data_dir.parent.name}_{data_dir.name}_{encoder}.pkl"
+    name = STORE_FOLDER / f"{data_dir.parent.name}_{data_dir.name}_{encoder}"
+    return name if choose_store_format(None, "auto", images) == "shards" else name.with_suffix(".pkl")
 
 
 def augmented_store_path(store_path: str | Path) -> Path:
@@ -174,6 +180,8 @@ def augmented_store_path(store_path: str | Path) -> Path:
     it scores. Variants are named by their image, so one store serves both without mixing them.
     """
     store_path = Path(store_path)
+    if is_sharded_store(store_path):  # a folder: a suffix would make the variants' store a pickle
+        return store_path.with_name(f"{store_path.name}_augmented")
     return store_path.with_name(f"{store_path.stem}.augmented{store_path.suffix}")
 
 
@@ -225,7 +233,7 @@ def head_inputs(store: FeatureStore, store_path: str | Path, ids: list[str], nee
         maps.close()
 
 
-def predict_probabilities(model: keras.Model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_probabilities(model: keras.Model, inputs: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Return class probabilities (N, classes) for head inputs, widening float16 maps chunk by chunk."""
     if len(inputs) == 0:
         return np.zeros((0, model.output.shape[-1]), dtype=np.float32)
@@ -244,6 +252,22 @@ class HeadInputs:
     available: set[str]  # ids that can be read (readable images)
     failed: dict[str, str]  # image id -> why it could not be encoded
     read: Callable[[list[str]], np.ndarray]  # ids -> pooled vectors (float32), maps or activations (float16)
+    stream: ShardedStore | None = None  # a sharded feature store: read through tf.data, never into arrays
+    spatial: bool = False  # the head reads spatial maps
+
+    def part(self, labels: dict[str, int]) -> LabelledPart:
+        """Return the images of `labels` ({id: class index}) as one part of a `LabelledStream`."""
+        if self.stream is None:
+            raise ClassifierError(f"{self.path}: not a sharded feature store, nothing to stream")
+        return LabelledPart(self.stream, labels)
+
+    def probabilities(self, model: keras.Model, ids: list[str]) -> np.ndarray:
+        """Return the model's class probabilities (len(ids), classes) for `ids`, streamed from a sharded store."""
+        if self.stream is None:
+            return predict_probabilities(model, self.read(ids))
+        stream = LabelledStream([self.part(dict.fromkeys(ids, 0))], PREDICT_BATCH, shuffle=False, spatial=self.spatial)
+        with reading_shards(self.stream.path):
+            return stream_probabilities(model, stream, ids)
 
 
 def prepare_inputs(
@@ -274,6 +298,8 @@ def prepare_inputs(
         store.image_ids(),
         report.failed,
         lambda ids: head_inputs(store, store_path, ids, config.needs_spatial),
+        stream=None if store.in_memory else store,
+        spatial=config.needs_spatial,
     )
 
 

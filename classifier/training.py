@@ -36,12 +36,15 @@ from classifier.model import (
     prepare_inputs,
     write_classifier_config,
 )
+from classifier.streaming import LabelledStream, keras_data
 from features.encoders import EncoderSpec, build_encoder_split, get_encoder_spec
 from features.extract import _weights_label
+from features.shards import reading_shards
 from models.rundir import HISTORY_FILE, MODEL_FILE, RunDir, save_model_without_optimizer, write_json
 from models.training import describe_device, plot_history
 
 BEST_MODEL_FILE = f".best.{MODEL_FILE}"  # the best epoch so far, while the fit runs
+Batches = LabelledBatches | LabelledStream  # in-memory arrays, or streamed from a sharded store
 
 
 @dataclass
@@ -134,7 +137,7 @@ def train_classifier(
     folder = load_class_folder(data_dir)
     # Built before extraction, so a head that cannot be built fails in a second, not after minutes.
     models = build_models(options, spec, len(folder.classes))
-    store_path = Path(features) if features else default_store_path(data_dir, options.encoder)
+    store_path = Path(features) if features else default_store_path(data_dir, options.encoder, len(folder.sources))
     data = prepare_data(folder, store_path, options, models.config, progress)
     write_run_files(run_dir, data_dir, options, spec, models, data)
     train, validation = data.batches(options.batch_size, options.seed)
@@ -144,9 +147,10 @@ def train_classifier(
     if verbose:
         print(describe_fit(options, data, device))
     started = time.perf_counter()
-    epochs_run, fine_tune_epochs_run = fit(models, data, train, validation, options, run_dir, verbose)
+    stream_path = data.store_path if data.streams else None
+    epochs_run, fine_tune_epochs_run = fit(models, train, validation, options, run_dir, verbose, stream_path)
     seconds = time.perf_counter() - started
-    loss, accuracy = save_best_model(models.model, run_dir, validation, options)
+    loss, accuracy = save_best_model(models.model, run_dir, validation, options, stream_path)
     return ClassifierTrainingResult(
         run_dir=run_dir,
         epochs_run=epochs_run,
@@ -215,7 +219,11 @@ def build_models(options: ClassifierTrainingOptions, spec: EncoderSpec, num_clas
 
 @dataclass
 class TrainingData:
-    """The split of a class folder and the model's inputs for it, augmented variants included."""
+    """The split of a class folder and where the model's inputs for it are, augmented variants included.
+
+    Inputs in a sharded feature store stream through `tf.data` (`classifier.streaming`); the others
+    (a pickle store, the activation cache of a fine-tuned model) are read into arrays.
+    """
 
     folder: ClassFolder
     store_path: Path
@@ -223,17 +231,42 @@ class TrainingData:
     train_ids: list[str]
     validation_ids: list[str]
     originals: HeadInputs
-    train_inputs: np.ndarray  # the train images' inputs, then their augmented variants'
-    train_labels: np.ndarray
-    validation_inputs: np.ndarray
-    validation_labels: np.ndarray
     augmented: HeadInputs | None = None
     augmented_ids: list[str] = field(default_factory=list)
 
-    def batches(self, batch_size: int, seed: int) -> tuple[LabelledBatches, LabelledBatches]:
+    @property
+    def streams(self) -> bool:
+        return self.originals.stream is not None and (self.augmented is None or self.augmented.stream is not None)
+
+    def labels(self, ids: list[str]) -> dict[str, int]:
+        """Return {id: class index} of image ids, augmented variants (`id#flip`) by their original."""
+        return {i: self.folder.labels[original_id(i)] for i in ids}
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return (train inputs, their labels, validation inputs, their labels), read into memory;
+        the train rows are the train images, then their augmented variants."""
+        train_inputs = self.originals.read(self.train_ids)
+        if self.augmented is not None:
+            train_inputs = np.concatenate([train_inputs, self.augmented.read(self.augmented_ids)])
+        train_labels = np.array(list(self.labels(self.train_ids + self.augmented_ids).values()))
+        validation_labels = np.array(list(self.labels(self.validation_ids).values()))
+        return train_inputs, train_labels, self.originals.read(self.validation_ids), validation_labels
+
+    def batches(self, batch_size: int, seed: int) -> tuple[Batches, Batches]:
         """Return (train batches reshuffled every epoch, validation batches in order)."""
-        train = LabelledBatches(self.train_inputs, self.train_labels, batch_size, shuffle=True, seed=seed)
-        return train, LabelledBatches(self.validation_inputs, self.validation_labels, batch_size, shuffle=False)
+        if not self.streams:
+            train_inputs, train_labels, validation_inputs, validation_labels = self.arrays()
+            train = LabelledBatches(train_inputs, train_labels, batch_size, shuffle=True, seed=seed)
+            return train, LabelledBatches(validation_inputs, validation_labels, batch_size, shuffle=False)
+        parts = [self.originals.part(self.labels(self.train_ids))]
+        if self.augmented is not None:
+            parts.append(self.augmented.part(self.labels(self.augmented_ids)))
+        spatial = self.originals.spatial
+        validation = [self.originals.part(self.labels(self.validation_ids))]
+        return (
+            LabelledStream(parts, batch_size, shuffle=True, seed=seed, spatial=spatial),
+            LabelledStream(validation, batch_size, shuffle=False, spatial=spatial),
+        )
 
 
 def prepare_data(
@@ -248,29 +281,10 @@ def prepare_data(
     usable = [i for i in folder.sources if i in originals.available]
     split_seed = options.seed if options.split_seed is None else options.split_seed
     train_ids, validation_ids = stratified_split(usable, folder.labels, options.validation_fraction, split_seed)
-    train_inputs = originals.read(train_ids)
-    train_labels = np.array([folder.labels[i] for i in train_ids])
     augmented, augmented_ids = None, []
     if options.augmentations:
         augmented, augmented_ids = augment_train_images(folder, train_ids, store_path, options, config, progress)
-        train_inputs = np.concatenate([train_inputs, augmented.read(augmented_ids)])
-        train_labels = np.concatenate([train_labels, [folder.labels[original_id(i)] for i in augmented_ids]])
-    validation_inputs = originals.read(validation_ids)
-    validation_labels = np.array([folder.labels[i] for i in validation_ids])
-    return TrainingData(
-        folder,
-        store_path,
-        split_seed,
-        train_ids,
-        validation_ids,
-        originals,
-        train_inputs,
-        train_labels,
-        validation_inputs,
-        validation_labels,
-        augmented,
-        augmented_ids,
-    )
+    return TrainingData(folder, store_path, split_seed, train_ids, validation_ids, originals, augmented, augmented_ids)
 
 
 def augment_train_images(
@@ -371,45 +385,60 @@ def describe_fit(options: ClassifierTrainingOptions, data: TrainingData, device:
 
 def fit(
     models: ClassifierModels,
-    data: TrainingData,
-    train: LabelledBatches,
-    validation: LabelledBatches,
+    train: Batches,
+    validation: Batches,
     options: ClassifierTrainingOptions,
     run_dir: Path,
     verbose: int,
+    stream_path: Path | None = None,
 ) -> tuple[int, int]:
-    """Compile and fit the model, checkpointing the best epoch; return (epochs run, of them fine-tuning)."""
+    """Compile and fit the model, checkpointing the best epoch; return (epochs run, of them fine-tuning).
+
+    `stream_path`: the sharded store the batches stream from, named by the error a bad shard gives.
+    """
     compile_classifier(models.model, options.learning_rate, options.label_smoothing)
     if not models.fine_tune:
-        history = models.model.fit(
-            train,
-            validation_data=validation,
-            epochs=options.epochs,
-            callbacks=_callbacks(run_dir, run_dir / BEST_MODEL_FILE, options.patience),
-            verbose=verbose,
-        )
+        with reading_shards(stream_path):
+            history = models.model.fit(
+                epochs=options.epochs,
+                callbacks=_callbacks(run_dir, run_dir / BEST_MODEL_FILE, options.patience),
+                verbose=verbose,
+                **fit_arguments(train, validation),
+            )
         return len(history.epoch), 0
-    epochs_run, best_val_loss = fit_head_alone(models, data, options, run_dir, verbose)
+    epochs_run, best_val_loss = fit_head_alone(models, train, validation, options, run_dir, verbose)
     fine_tune_epochs_run = fit_top_and_head(
         models, train, validation, options, run_dir, verbose, epochs_run, best_val_loss
     )
     return epochs_run + fine_tune_epochs_run, fine_tune_epochs_run
 
 
+def fit_arguments(train: Batches, validation: Batches) -> dict:
+    """Return `model.fit`'s data arguments for in-memory batches or streams."""
+    (x, steps), (validation_data, validation_steps) = keras_data(train, True), keras_data(validation, True)
+    arguments = {"x": x, "validation_data": validation_data}
+    if steps is not None:  # a stream shuffles itself (Keras would warn that it ignores shuffle=True)
+        arguments.update(steps_per_epoch=steps, validation_steps=validation_steps, shuffle=False)
+    return arguments
+
+
 def fit_head_alone(
-    models: ClassifierModels, data: TrainingData, options: ClassifierTrainingOptions, run_dir: Path, verbose: int
+    models: ClassifierModels,
+    train: LabelledBatches,
+    validation: LabelledBatches,
+    options: ClassifierTrainingOptions,
+    run_dir: Path,
+    verbose: int,
 ) -> tuple[int, float]:
     """Fine-tuning, phase 1: fit the head alone on the pooled vectors of the unchanged top, which runs once here.
 
-    Returns (epochs run, best validation loss).
+    Returns (epochs run, best validation loss). The activation cache is read into arrays (`train.inputs`).
     """
-    pooled_train, pooled_validation = (
-        predict_probabilities(models.top, x) for x in (data.train_inputs, data.validation_inputs)
-    )
+    pooled_train, pooled_validation = (predict_probabilities(models.top, b.inputs) for b in (train, validation))
     compile_classifier(models.head, options.learning_rate, options.label_smoothing)
     history = models.head.fit(
-        LabelledBatches(pooled_train, data.train_labels, options.batch_size, shuffle=True, seed=options.seed),
-        validation_data=LabelledBatches(pooled_validation, data.validation_labels, options.batch_size, shuffle=False),
+        LabelledBatches(pooled_train, train.labels, options.batch_size, shuffle=True, seed=options.seed),
+        validation_data=LabelledBatches(pooled_validation, validation.labels, options.batch_size, shuffle=False),
         epochs=options.epochs,
         callbacks=_callbacks(run_dir, None, options.patience),
         verbose=verbose,
@@ -446,7 +475,11 @@ def fit_top_and_head(
 
 
 def save_best_model(
-    model: keras.Model, run_dir: Path, validation: LabelledBatches, options: ClassifierTrainingOptions
+    model: keras.Model,
+    run_dir: Path,
+    validation: Batches,
+    options: ClassifierTrainingOptions,
+    stream_path: Path | None = None,
 ) -> tuple[float, float]:
     """Save the fit's best model as the run's, draw the curves; return its validation (loss, accuracy)."""
     best_path = run_dir / BEST_MODEL_FILE
@@ -455,5 +488,6 @@ def save_best_model(
     best_path.unlink(missing_ok=True)
     plot_history(RunDir(run_dir))
     compile_classifier(final, options.learning_rate, options.label_smoothing)
-    loss, accuracy = final.evaluate(validation, verbose=0)
+    with reading_shards(stream_path):
+        loss, accuracy = final.evaluate(keras_data(validation, False)[0], verbose=0)
     return float(loss), float(accuracy)

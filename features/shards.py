@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -241,6 +242,19 @@ def shard_error(path: Path, error: Exception) -> FeatureStoreError:
     """Return the one-line error for a shard that TensorFlow could not read or parse."""
     detail = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
     return FeatureStoreError(f"{path}: a shard is corrupt or malformed ({detail}); extract it again")
+
+
+@contextmanager
+def reading_shards(path: Path | None) -> Iterator[None]:
+    """Turn a shard that TensorFlow cannot read or parse, inside the block, into one FeatureStoreError
+    naming the store at `path` (None: nothing streams from shards; errors pass unchanged)."""
+    tf = _tensorflow()
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        if path is None or not is_shard_read_error(error):
+            raise
+        raise shard_error(path, error) from None
 
 
 def _take(ids: list[str], rows: list[np.ndarray], size: int, rng) -> tuple[list[str], np.ndarray]:

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features.shards import is_shard_read_error, shard_error
+from features.shards import reading_shards
 from features.store import (
     FeatureStore,
     FeatureStoreError,
@@ -569,7 +569,7 @@ def fit(
             print(inputs.replicas.describe(options.batch_size))
     train, dev, steps_per_epoch, dev_steps = inputs.datasets()
     started = time.perf_counter()
-    try:
+    with reading_shards(None if inputs.store.in_memory else inputs.store.path):
         with keras_distributed_fixes(inputs.replicas.strategy):
             history = model.fit(
                 train,
@@ -582,10 +582,6 @@ def fit(
                 verbose=verbose,
                 shuffle=False,  # the batches shuffle themselves (Keras would warn that it ignores True)
             )
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
-        if inputs.store.in_memory or not is_shard_read_error(error):
-            raise
-        raise shard_error(inputs.store.path, error) from None
     return history, time.perf_counter() - started
 
 

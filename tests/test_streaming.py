@@ -147,6 +147,20 @@ def test_training_streams_from_shards(tiny_flickr, tiny_store, tmp_path):
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # it learns from the stream
 
 
+def test_a_corrupt_shard_stops_training_with_one_error_naming_the_store(tiny_flickr, tiny_store, tmp_path):
+    from models.training import TrainingOptions, train_caption_model
+
+    shards = convert_store(tiny_store, tmp_path / "shards", shard_size=4)
+    shard = sorted(shards.path.glob("shard-*.tfrecord"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the size is right: only reading finds it, during the fit
+    shard.write_bytes(bytes(data))
+    options = TrainingOptions(epochs=1, batch_size=8, min_count=1)
+    with pytest.raises(FeatureStoreError, match="a shard is corrupt or malformed") as error:
+        train_caption_model(shards.path, tiny_flickr, tmp_path / "run", options, {"units": 8}, verbose=0)
+    assert str(error.value).startswith(str(shards.path)) and "\n" not in str(error.value)
+
+
 def test_self_critical_training_reads_shards_as_it_reads_the_pickle(tiny_run, tiny_store, tiny_flickr, tmp_path):
     import csv
 
