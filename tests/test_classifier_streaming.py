@@ -112,10 +112,11 @@ def test_fit_on_a_stream_runs_one_pass_an_epoch(tmp_path):
 def streamed(tmp_path_factory):
     """A dense run with flipped variants and a gru run, trained on a sharded store of 2 images a shard,
     with reading a sharded store into arrays forbidden; and the same store converted to a pickle."""
+    from test_classifier import flower_folder
+
     from classifier.evaluation import evaluate_classifier
     from classifier.training import ClassifierTrainingOptions, train_classifier
     from features.extract import extract_features
-    from test_classifier import flower_folder
 
     base = tmp_path_factory.mktemp("streamed")
     flowers = flower_folder(base / "flowers", per_class=5)
