@@ -132,18 +132,51 @@ def cache_activations(
     return report
 
 
-def read_activations(cache_path: str | Path, ids: list[str]) -> np.ndarray:
-    """Return the cached activations of `ids` as float16 (len(ids), H, W, C)."""
-    maps = SpatialMaps(cache_path)
-    try:
-        missing = [i for i in ids if i not in maps.index]
-        if missing:
-            raise FeatureStoreError(
-                f"{maps.path}: no cached activation for {len(missing)} image(s), e.g. {missing[0]!r}"
-            )
-        out = np.empty((len(ids), *maps.shape), dtype=np.float16)
-        for start in range(0, len(ids), 512):
-            out[start : start + 512] = maps.get(ids[start : start + 512])
+def read_activations(cache_path: str | Path, ids: list[str]) -> CachedActivations:
+    """Return the cached activations of `ids` (float16, (len(ids), H, W, C)), read from the cache when indexed."""
+    return CachedActivations([(Path(cache_path), list(ids))])
+
+
+class CachedActivations:
+    """Rows of activation caches, read from disk when indexed by a slice or row numbers (as
+    `LabelledBatches` and `predict_probabilities` index them), so the cache is never all in memory.
+
+    The rows are each part's ids in order, the parts one after the other (`+` joins two).
+    """
+
+    dtype = np.dtype(np.float16)
+
+    def __init__(self, parts: list[tuple[Path, list[str]]]):
+        self.parts = parts
+        self._maps = {path: SpatialMaps(path) for path, _ in parts}  # kept open: an index per file, built once
+        for path, ids in parts:
+            missing = [i for i in ids if i not in self._maps[path].index]
+            if missing:
+                raise FeatureStoreError(
+                    f"{path}: no cached activation for {len(missing)} image(s), e.g. {missing[0]!r}"
+                )
+        self._ids = [(path, image_id) for path, ids in parts for image_id in ids]
+        self.shape = (len(self._ids), *next(iter(self._maps.values())).shape)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __add__(self, other: CachedActivations) -> CachedActivations:
+        return CachedActivations(self.parts + other.parts)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:].astype(dtype or self.dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.atleast_1d(np.arange(len(self))[index])
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
+        by_file: dict[Path, list[int]] = {}
+        for n, row in enumerate(rows):
+            by_file.setdefault(self._ids[row][0], []).append(n)
+        for path, positions in by_file.items():
+            out[positions] = self._maps[path].get([self._ids[rows[n]][1] for n in positions])
         return out
-    finally:
-        maps.close()
+
+    def close(self) -> None:
+        for maps in self._maps.values():
+            maps.close()

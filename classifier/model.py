@@ -27,7 +27,13 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from classifier.activations import activation_cache_path, cache_activations, cached_ids, read_activations
+from classifier.activations import (
+    CachedActivations,
+    activation_cache_path,
+    cache_activations,
+    cached_ids,
+    read_activations,
+)
 from classifier.augment import AUGMENTATIONS
 from classifier.streaming import LabelledPart, LabelledStream, stream_probabilities
 from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
@@ -251,7 +257,7 @@ class HeadInputs:
     path: Path  # the feature store, or the activation cache of a fine-tuned model
     available: set[str]  # ids that can be read (readable images)
     failed: dict[str, str]  # image id -> why it could not be encoded
-    read: Callable[[list[str]], np.ndarray]  # ids -> pooled vectors (float32), maps or activations (float16)
+    read: Callable[[list[str]], np.ndarray | CachedActivations]  # ids -> vectors (float32), maps (float16), activations
     stream: ShardedStore | None = None  # a sharded feature store: read through tf.data, never into arrays
     spatial: bool = False  # the head reads spatial maps
 

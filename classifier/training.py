@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from classifier.activations import CachedActivations
 from classifier.augment import AUGMENTATIONS, augment_pixels, augmented_sources, original_id
 from classifier.classes import ClassFolder, LabelledBatches, load_class_folder, stratified_split
 from classifier.finetune import build_fine_tuned_classifier
@@ -221,8 +222,9 @@ def build_models(options: ClassifierTrainingOptions, spec: EncoderSpec, num_clas
 class TrainingData:
     """The split of a class folder and where the model's inputs for it are, augmented variants included.
 
-    Inputs in a sharded feature store stream through `tf.data` (`classifier.streaming`); the others
-    (a pickle store, the activation cache of a fine-tuned model) are read into arrays.
+    Inputs in a sharded feature store stream through `tf.data` (`classifier.streaming`); a pickle
+    store's are read into arrays; a fine-tuned run's activations are read from their cache batch by
+    batch (`classifier.activations.CachedActivations`).
     """
 
     folder: ClassFolder
@@ -243,11 +245,15 @@ class TrainingData:
         return {i: self.folder.labels[original_id(i)] for i in ids}
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Return (train inputs, their labels, validation inputs, their labels), read into memory;
+        """Return (train inputs, their labels, validation inputs, their labels): arrays, or cached activations;
         the train rows are the train images, then their augmented variants."""
         train_inputs = self.originals.read(self.train_ids)
         if self.augmented is not None:
-            train_inputs = np.concatenate([train_inputs, self.augmented.read(self.augmented_ids)])
+            variants = self.augmented.read(self.augmented_ids)
+            if isinstance(train_inputs, CachedActivations):  # a fine-tuned run: read from its cache when batched
+                train_inputs = train_inputs + variants
+            else:
+                train_inputs = np.concatenate([train_inputs, variants])
         train_labels = np.array(list(self.labels(self.train_ids + self.augmented_ids).values()))
         validation_labels = np.array(list(self.labels(self.validation_ids).values()))
         return train_inputs, train_labels, self.originals.read(self.validation_ids), validation_labels

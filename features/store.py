@@ -25,6 +25,7 @@ import numpy as np
 FORMAT_NAME = "captioning-feature-store"
 FORMAT_VERSION = 1
 DEFAULT_STORE = Path("features") / "store" / "flickr8k_efficientnet_lite0.pkl"
+MERGE_ROWS = 512  # spatial-map rows copied at a time when merging HDF5 files
 
 
 class FeatureStoreError(ValueError):
@@ -244,7 +245,10 @@ def merge_spatial_shards(target: Path, shard_folder: Path, keep_ids: set[str]) -
 
 
 def merge_spatial(target: Path, sources: list[Path], keep_ids: set[str]) -> None:
-    """Combine HDF5 map files into `target` (atomically), keeping the first copy of each id in keep_ids."""
+    """Combine HDF5 map files into `target` (atomically), keeping the first copy of each id in keep_ids.
+
+    Rows are copied `MERGE_ROWS` at a time, so memory does not grow with the files (COCO's 7x7x1280
+    float16 maps are about 15 GB)."""
     import h5py
 
     seen: dict[str, tuple[Path, int]] = {}
@@ -268,10 +272,17 @@ def merge_spatial(target: Path, sources: list[Path], keep_ids: set[str]) -> None
                 source, row = seen[image_id]
                 by_source.setdefault(source, []).append((row, index))
             for source, pairs in by_source.items():
+                pairs.sort()  # h5py reads and writes rows given in increasing order
                 with h5py.File(source, "r") as handle:
-                    rows = handle["maps"][:]
-                    for row, index in pairs:
-                        maps[index] = rows[row]
+                    for start in range(0, len(pairs), MERGE_ROWS):  # a block at a time: never a whole file
+                        block = pairs[start : start + MERGE_ROWS]
+                        values = handle["maps"][[row for row, _ in block]]
+                        indices = [index for _, index in block]
+                        if indices == sorted(indices):
+                            maps[indices] = values
+                        else:
+                            for index, value in zip(indices, values, strict=True):
+                                maps[index] = value
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_classifier import flower_folder
 
-from classifier.activations import activation_cache_path, cache_activations, read_activations
+from classifier.activations import CachedActivations, activation_cache_path, cache_activations, read_activations
 from classifier.finetune import build_fine_tuned_classifier
 from classifier.model import (
     ClassifierConfig,
@@ -156,6 +156,24 @@ def test_the_cache_holds_the_bottoms_output_and_refuses_other_weights(random_wei
 # ---- a fine-tuned run: training, evaluation, prediction, inference ----
 
 
+def test_cached_activations_read_the_rows_asked_for_from_each_part(tmp_path):
+    from features.store import write_spatial_shard
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(6, 2, 2, 3)).astype(np.float16)
+    write_spatial_shard(tmp_path / "a.h5", [f"{i}.png" for i in range(6)], maps)
+    write_spatial_shard(tmp_path / "b.h5", ["0.png#flip"], maps[:1] * 2)
+    rows = read_activations(tmp_path / "a.h5", ["4.png", "1.png", "5.png"]) + read_activations(
+        tmp_path / "b.h5", ["0.png#flip"]
+    )
+    assert len(rows) == 4 and rows.shape == (4, 2, 2, 3) and rows.dtype == np.float16
+    np.testing.assert_array_equal(rows[1:3], maps[[1, 5]])
+    np.testing.assert_array_equal(rows[np.array([0, 3])], np.stack([maps[4], maps[0] * 2]))
+    np.testing.assert_array_equal(np.asarray(rows), np.stack([maps[4], maps[1], maps[5], maps[0] * 2]))
+    with pytest.raises(FeatureStoreError, match="no cached activation for 1 image"):
+        read_activations(tmp_path / "a.h5", ["0.png", "9.png"])
+
+
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory) -> Path:
     return flower_folder(tmp_path_factory.mktemp("ft_flowers") / "train")
@@ -179,7 +197,9 @@ def fine_tuned(flowers, random_weights, tmp_path_factory):
         fine_tune_lr=1e-3,
         patience=5,
     )
-    result = train_classifier(flowers, base / "run", options, base / "store.pkl", progress=False, verbose=0)
+    with pytest.MonkeyPatch.context() as patch:  # the cache is read batch by batch, never whole
+        patch.setattr(CachedActivations, "__array__", lambda *_, **__: pytest.fail("the cache was read whole"))
+        result = train_classifier(flowers, base / "run", options, base / "store.pkl", progress=False, verbose=0)
     return result, base / "store.pkl"
 
 

@@ -309,6 +309,27 @@ def test_spatial_maps_go_to_hdf5_beside_the_store(tmp_path):
     maps.close()
 
 
+def test_merging_map_files_keeps_the_first_copy_of_each_kept_id_block_by_block(tmp_path, monkeypatch):
+    import features.store as store_module
+    from features.store import merge_spatial, write_spatial_shard
+
+    monkeypatch.setattr(store_module, "MERGE_ROWS", 3)  # several blocks per file
+    rng = np.random.default_rng(0)
+    first = {f"{i}.jpg": rng.normal(size=(2, 2, 3)).astype(np.float16) for i in range(8)}
+    second = {f"{i}.jpg": rng.normal(size=(2, 2, 3)).astype(np.float16) for i in range(5, 13)}
+    for name, maps in (("a.h5", first), ("b.h5", second)):
+        ids = sorted(maps, reverse=True)  # rows out of id order
+        write_spatial_shard(tmp_path / name, ids, np.stack([maps[i] for i in ids]))
+    keep = {f"{i}.jpg" for i in range(13)} - {"2.jpg", "11.jpg"}
+    merge_spatial(tmp_path / "out.h5", [tmp_path / "a.h5", tmp_path / "b.h5"], keep)
+    merged = SpatialMaps(tmp_path / "out.h5")
+    assert set(merged.index) == keep
+    for image_id in sorted(keep):
+        expected = first.get(image_id, second.get(image_id))  # the first file's copy wins
+        np.testing.assert_array_equal(merged.get([image_id])[0], expected.astype(np.float32))
+    merged.close()
+
+
 def test_extract_cli_on_generated_and_real_images(tmp_path, capsys):
     import extract_features as cli
 
