@@ -275,6 +275,14 @@ def train_child(kind: str, features: str, data: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def run_child(flag: str, *args, out: Path) -> dict:
+    """Run this script as `flag`'s child in a fresh process (a clean RSS high-water mark); return its figures."""
+    command = [sys.executable, __file__, flag, *map(str, args), str(out),
+               "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup)]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
 def training_runs(sizes: list[int]) -> tuple[str, dict]:
     """Return the training table and figures: each size and store kind in its own process."""
     figures = {}
@@ -283,12 +291,9 @@ def training_runs(sizes: list[int]) -> tuple[str, dict]:
         folder.mkdir(exist_ok=True)
         data, stores = synthetic_dataset(folder, train), synthetic_stores(folder, train)
         for kind in ("shards", "pickle"):
-            out = folder / f"{kind}.json"
-            command = [sys.executable, __file__, "--train-child", kind, str(stores[kind]), str(data), str(out),
-                       "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup)]  # fmt: skip
-            subprocess.run(command, check=True, cwd=ROOT)
-            figures[(train, kind)] = json.loads(out.read_text())
-            f = figures[(train, kind)]
+            f = figures[(train, kind)] = run_child(
+                "--train-child", kind, stores[kind], data, out=folder / f"{kind}.json"
+            )
             print(
                 f"train {train} {kind}: {f['steps_per_s']:.2f} steps/s, peak {f['peak_training_mb']:.0f} MB", flush=True
             )
@@ -343,11 +348,9 @@ def classifier_runs(sizes: list[int]) -> tuple[str, dict]:
         folder.mkdir(exist_ok=True)
         stores = synthetic_stores(folder, train)
         for kind in ("shards", "pickle"):
-            out = folder / f"{kind}.json"
-            command = [sys.executable, __file__, "--classifier-child", kind, str(stores[kind]), str(out),
-                       "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup)]  # fmt: skip
-            subprocess.run(command, check=True, cwd=ROOT)
-            f = figures[(train, kind)] = json.loads(out.read_text())
+            f = figures[(train, kind)] = run_child(
+                "--classifier-child", kind, stores[kind], out=folder / f"{kind}.json"
+            )
             print(
                 f"classifier {train} {kind}: {f['steps_per_s']:.1f} steps/s, peak {f['peak_training_mb']:.0f} MB",
                 flush=True,

@@ -438,7 +438,8 @@ def fit_head_alone(
 ) -> tuple[int, float]:
     """Fine-tuning, phase 1: fit the head alone on the pooled vectors of the unchanged top, which runs once here.
 
-    Returns (epochs run, best validation loss). The activation cache is read into arrays (`train.inputs`).
+    Returns (epochs run, best validation loss). The top reads the cached activations chunk by chunk
+    (`train.inputs`); its pooled vectors, one per image, are what this phase holds in memory.
     """
     pooled_train, pooled_validation = (predict_probabilities(models.top, b.inputs) for b in (train, validation))
     compile_classifier(models.head, options.learning_rate, options.label_smoothing)
