@@ -19,10 +19,12 @@
    (pipeline/caption_arrays.py); the training process never holds them (the child's own peak is not
    measured here: `RUSAGE_CHILDREN` would mix in every other child; see BENCHMARKS.md).
 3. Classifier training memory and speed at 10k vs 113k images (each in its own process; the same
-   synthetic stores, image n of class n % 10): the dense head (256 units), batch 64, a warm-up then
-   `--steps` timed steps, streamed from the shards (`classifier.streaming.LabelledStream`, what
-   `classify.py train` does with a sharded store) and, for contrast, from the pickle store's vectors
-   read into an array (`LabelledBatches`, what it does with a pickle).
+   synthetic stores, image n of class n % 10): the dense head (256 units), batch 64, `--passes` whole
+   passes over the images (the same number at every size), timed after `--warmup` steps; streamed
+   from the shards (`classifier.streaming.LabelledStream`, what `classify.py train` does with a
+   sharded store), the same with glibc's default malloc arenas instead of the 2 that the scripts set
+   (`cli.limit_malloc_arenas`), and, for contrast, from the pickle store's vectors read into an array
+   (`LabelledBatches`, what it does with a pickle).
 4. One teacher-forcing epoch on the real Flickr8k features from the pickle store and from shards
    converted from it (float32, exact), for each of `--seeds`, interleaved: seconds, and the dev loss per
    word of the saved model on the same dev batches for every run (the val_loss `fit` reports is a mean
@@ -61,6 +63,7 @@ DEV_IMAGES = 500
 FLUSH_EVERY = 512
 PARTS = ("write", "train", "classifier", "flickr")
 CLASSES = 10  # the synthetic classifier's classes: image n is of class n % CLASSES
+DEFAULT_ARENAS = "shards, glibc's default arenas"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[10000, 113287], help="train images")
     parser.add_argument("--steps", type=int, default=200, help="timed training steps per run")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    parser.add_argument("--passes", type=int, default=20, help="classifier: passes over the images per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds of the Flickr8k epochs")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES)
@@ -240,6 +244,9 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def train_child(kind: str, features: str, data: str, out: str) -> None:
     """In a fresh process: prepare the data, reset the RSS high-water mark, time `--steps` training steps."""
+    from cli import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as train.py does before TensorFlow starts
     import keras
 
     from features.store import open_feature_store
@@ -278,7 +285,7 @@ def train_child(kind: str, features: str, data: str, out: str) -> None:
 def run_child(flag: str, *args, out: Path) -> dict:
     """Run this script as `flag`'s child in a fresh process (a clean RSS high-water mark); return its figures."""
     command = [sys.executable, __file__, flag, *map(str, args), str(out),
-               "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup)]  # fmt: skip
+               "--steps", str(ARGS.steps), "--warmup", str(ARGS.warmup), "--passes", str(ARGS.passes)]  # fmt: skip
     subprocess.run(command, check=True, cwd=ROOT)
     return json.loads(out.read_text())
 
@@ -313,6 +320,10 @@ def training_runs(sizes: list[int]) -> tuple[str, dict]:
 
 def classifier_child(kind: str, features: str, out: str) -> None:
     """In a fresh process: the train images' labels and batches, then `--steps` timed steps of the dense head."""
+    from cli import limit_malloc_arenas
+
+    if kind != DEFAULT_ARENAS:
+        limit_malloc_arenas()  # what every script does before TensorFlow starts (cli.import_tensorflow_quietly)
     import keras
 
     from classifier.classes import LabelledBatches
@@ -324,19 +335,23 @@ def classifier_child(kind: str, features: str, out: str) -> None:
     store = open_feature_store(features)
     labels = {image_id: int(image_id.split(".")[0]) % CLASSES for image_id in sorted(store.image_ids())}
     if store.in_memory:  # as classifier.training.TrainingData.batches does for each kind of store
-        batches, steps = LabelledBatches(store.matrix(list(labels)), np.array(list(labels.values())), 64), None
+        batches = LabelledBatches(store.matrix(list(labels)), np.array(list(labels.values())), 64)
+        data, steps = batches, None
     else:
-        batches, steps = keras_data(LabelledStream([LabelledPart(store, labels)], 64, seed=0), repeat=True)
+        batches = LabelledStream([LabelledPart(store, labels)], 64, seed=0)
+        data, steps = keras_data(batches, repeat=True)
+    epochs = ARGS.passes  # whole passes, as training runs them: the same number at every size
     model = build_classifier(ClassifierConfig(CLASSES, DIM, (7, 7, DIM)))
     compile_classifier(model, 1e-3)
     prepared_rss = rss_mb()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is training's
     times: list[float] = []
     timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: times.append(time.perf_counter()))
-    model.fit(batches, steps_per_epoch=ARGS.warmup + ARGS.steps if steps else None, epochs=1, verbose=0,
-              callbacks=[timer])  # fmt: skip
-    result = {"kind": kind, "images": len(labels), "rss_prepared_mb": prepared_rss,
-              "peak_training_mb": rss_mb("VmHWM"), "steps_per_s": ARGS.steps / (times[-1] - times[ARGS.warmup - 1])}  # fmt: skip
+    model.fit(data, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=[timer])
+    timed = len(times) - ARGS.warmup  # every step after the warm-up, to the end of the last pass
+    result = {"kind": kind, "images": len(labels), "rss_prepared_mb": prepared_rss, "passes": epochs,
+              "steps": timed, "peak_training_mb": rss_mb("VmHWM"),
+              "steps_per_s": timed / (times[-1] - times[ARGS.warmup - 1])}  # fmt: skip
     Path(out).write_text(json.dumps(result))
 
 
@@ -347,19 +362,20 @@ def classifier_runs(sizes: list[int]) -> tuple[str, dict]:
         folder = WORK / f"classifier_{train}"
         folder.mkdir(exist_ok=True)
         stores = synthetic_stores(folder, train)
-        for kind in ("shards", "pickle"):
+        for n, kind in enumerate(("shards", DEFAULT_ARENAS, "pickle")):
+            store = stores[kind.split(",")[0]]
             f = figures[(train, kind)] = run_child(
-                "--classifier-child", kind, stores[kind], out=folder / f"{kind}.json"
+                "--classifier-child", kind, store, out=folder / f"classifier_{n}.json"
             )
             print(
                 f"classifier {train} {kind}: {f['steps_per_s']:.1f} steps/s, peak {f['peak_training_mb']:.0f} MB",
                 flush=True,
             )
         shutil.rmtree(folder)
-    rows = [[f"{f['images']:,}", kind, f"{f['rss_prepared_mb']:.0f}", f"{f['peak_training_mb']:.0f}",
-             f"{f['steps_per_s']:.1f}"] for (_, kind), f in figures.items()]  # fmt: skip
-    headers = ["images", "store", "RSS with the batches ready (MB)", "peak RSS while training (MB)",
-               "steps/s (batch 64)"]  # fmt: skip
+    rows = [[f"{f['images']:,}", kind, str(f["passes"]), f"{f['steps']:,}", f"{f['rss_prepared_mb']:.0f}",
+             f"{f['peak_training_mb']:.0f}", f"{f['steps_per_s']:.1f}"] for (_, kind), f in figures.items()]  # fmt: skip
+    headers = ["images", "store", "passes", "timed steps", "RSS with the batches ready (MB)",
+               "peak RSS while training (MB)", "steps/s (batch 64)"]  # fmt: skip
     return markdown_table(headers, rows), figures
 
 
@@ -517,6 +533,11 @@ def targets_table(figures: dict) -> str:
         versus = f"at {high['images']:,} vs {low['images']:,} images"
         rows.append([f"streamed classifier: peak RSS {versus}", f"{rss:+.1%}", "<= +15%", rss <= 0.15])
         rows.append([f"streamed classifier: steps/s {versus}", f"{speed:.2f}x", ">= 0.9x", speed >= 0.9])
+        for size in sizes:
+            capped, default = classifier[(size, "shards")], classifier[(size, DEFAULT_ARENAS)]
+            rows.append([f"streamed classifier, {capped['images']:,} images, {capped['passes']} passes: peak RSS "
+                         "with 2 malloc arenas vs glibc's default", f"{capped['peak_training_mb']:.0f} vs "
+                         f"{default['peak_training_mb']:.0f} MB", "lower", capped["peak_training_mb"] < default["peak_training_mb"]])  # fmt: skip
     if "flickr" in figures:
         rows += flickr_targets(figures["flickr"])
     rows = [[what, measured, wanted, "met" if ok else "**not met**"] for what, measured, wanted, ok in rows]

@@ -478,3 +478,19 @@ def test_infer_evaluate_and_serve_decode_with_the_same_defaults(tmp_path):
     assert DecodingOptions() == DecodingOptions(beam=3, max_length=None, length_penalty=1.0, no_repeat_ngram=3)
     off = infer.parse_args(["photo.jpg", "--no-repeat-ngram", "0", "--length-penalty", "0.5"])
     assert decoding_options(off) == DecodingOptions(length_penalty=0.5, no_repeat_ngram=0)
+
+
+def test_scripts_cap_malloc_arenas_unless_the_user_chose_a_number():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import cli; print(cli.limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    capped = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    chosen = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True
+    )
+    assert (capped.stdout.strip(), chosen.stdout.strip()) == ("True", "False")
