@@ -76,7 +76,12 @@ def add_train_command(commands) -> None:
         metavar="NAMES",
         help=f"add augmented variants of the train images: comma-separated from {','.join(AUGMENTATIONS)} (bare: all)",
     )
-    train.add_argument("--features", type=Path, help="feature store (default features/store/<parent>_<folder>_...)")
+    train.add_argument(
+        "--features",
+        type=Path,
+        help="feature store: a .pkl file, or a folder of shards, streamed (default features/store/<parent>_<folder>_"
+        "<encoder>.pkl; a folder above 20,000 images)",
+    )
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", dest="learning_rate", metavar="LR", type=float, default=1e-3, help="Adam learning rate")
