@@ -189,3 +189,15 @@ def test_a_corrupt_shard_stops_classifier_training_with_one_line(streamed, tmp_p
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0 and len(err.splitlines()) == 1
     assert "a shard is corrupt or malformed" in err and str(store) in err
+
+
+def test_a_new_sharded_store_keeps_spatial_maps_only_for_a_head_that_reads_them(streamed, tmp_path):
+    from classifier.model import ensure_features
+
+    sources = {f"{p.parent.name}/{p.name}": p for p in sorted(streamed["flowers"].glob("daisy/*.png"))}
+    for needs_spatial in (False, True):
+        store, _ = ensure_features(sources, tmp_path / f"s{needs_spatial}", "efficientnet_lite0", "imagenet",
+                                   needs_spatial, progress=False)  # fmt: skip
+        assert store.spatial_shape == ((7, 7, 1280) if needs_spatial else None) and len(store) == 5
+    pickled, _ = ensure_features(sources, tmp_path / "p.pkl", "efficientnet_lite0", "imagenet", False, progress=False)
+    assert pickled.metadata["spatial"]  # a small pickle store serves both heads
