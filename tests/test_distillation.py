@@ -214,3 +214,24 @@ def test_a_sharded_store_gives_its_beam_search_captions_and_trains_the_student(
     )
     assert result.teacher.captions == _two_best_beams(Captioner.load(tiny_run), shards.path)
     assert result.training.train_captions == 9 * (3 + 2)  # the streamed batches hold the teacher's captions too
+
+
+def test_an_attention_ensemble_teaches_an_attention_student_from_spatial_maps(
+    tiny_attention_run, tiny_flickr, tiny_spatial_store, tmp_path
+):
+    # issue 22's recipe in small: attention teachers decoded together (here the same run twice), their
+    # captions read from the spatial maps, and an attention student trained on them
+    teacher = TeacherOptions((str(tiny_attention_run),) * 2, captions_per_image=1, decoding=DECODING, chunk_images=4)
+    options = TrainingOptions(epochs=1, batch_size=8, learning_rate=1e-2, min_count=1)
+    model_options = {"decoder": "attention", "cell": "gru", "units": 8, "embedding_dim": 8}
+    result = distil_caption_model(
+        tiny_spatial_store, tiny_flickr, tmp_path / "s", teacher, options, model_options, verbose=0
+    )
+    regions = open_feature_store(tiny_spatial_store).maps(TRAIN_IDS)
+    alone = Captioner.load(tiny_attention_run).decode(regions, DECODING)
+    assert result.teacher.captions == {
+        image: [" ".join(Captioner.load(tiny_attention_run).vocabulary.decode(hypotheses[0].tokens))]
+        for image, hypotheses in zip(TRAIN_IDS, alone, strict=True)
+    }  # two copies of one run decode as the run alone
+    assert result.training.train_captions == 9 * (3 + 1)
+    assert RunDir(tmp_path / "s").read_config()["model"]["decoder"] == "attention"
