@@ -148,7 +148,8 @@ class CachedActivations:
 
     def __init__(self, parts: list[tuple[Path, list[str]]]):
         self.parts = parts
-        self._maps = {path: SpatialMaps(path) for path, _ in parts}  # kept open: an index per file, built once
+        # kept open while the rows are read (an index per file, built once); closed when freed
+        self._maps = {path: SpatialMaps(path) for path, _ in parts}
         for path, ids in parts:
             missing = [i for i in ids if i not in self._maps[path].index]
             if missing:
@@ -176,7 +177,3 @@ class CachedActivations:
         for path, positions in by_file.items():
             out[positions] = self._maps[path].get([self._ids[rows[n]][1] for n in positions])
         return out
-
-    def close(self) -> None:
-        for maps in self._maps.values():
-            maps.close()

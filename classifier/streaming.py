@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.shards import ShardedStore
+from features.shards import ShardedStore, shuffle_buffer_size
 from features.store import FeatureStoreError
 
-SHUFFLE_IMAGES = 8192  # images in the shuffle buffer at most
-SHUFFLE_BYTES = 256 << 20  # ... and at most this many bytes of features in it (spatial maps are big)
+SHUFFLE_IMAGES = 8192  # images in the shuffle buffer at most (fewer for big features: features.shards)
 
 
 @dataclass
@@ -60,9 +59,7 @@ class LabelledStream:
 
     def shuffle_buffer(self) -> int:
         """Return the shuffle buffer's size in images: `SHUFFLE_IMAGES`, fewer for big features."""
-        store = self.parts[0].store
-        sample_bytes = int(np.prod(store.spatial_shape)) * 2 if self.spatial else store.dim * 4
-        return max(4 * self.batch_size, min(SHUFFLE_IMAGES, SHUFFLE_BYTES // sample_bytes))
+        return shuffle_buffer_size(self.parts[0].store, self.spatial, self.batch_size, SHUFFLE_IMAGES)
 
     def as_dataset(self, with_ids: bool = False):
         """Return the batches as a `tf.data.Dataset` of (inputs, labels), or (inputs, labels, ids)."""

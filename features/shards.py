@@ -39,6 +39,7 @@ VECTOR_DTYPES = ("float16", "float32")
 MAP_DTYPE = "float16"
 PARSE_BATCH = 256  # records parsed together (tf.io.parse_example on a batch is far faster than one by one)
 INTERLEAVE = 4  # shards read at once
+SHUFFLE_BYTES = 256 << 20  # features a stream's shuffle buffer holds at most (spatial maps are big)
 
 
 @dataclass
@@ -223,6 +224,13 @@ class ShardedStore(StoreFacts):
 
     def close(self) -> None:
         """Nothing stays open between reads."""
+
+
+def shuffle_buffer_size(store: ShardedStore, spatial: bool, batch_size: int, most: int) -> int:
+    """Return a stream's shuffle buffer in samples: `most`, fewer when their features would pass
+    `SHUFFLE_BYTES` (maps stay float16 until batched, vectors are float32), never under 4 batches."""
+    sample_bytes = int(np.prod(store.spatial_shape)) * 2 if spatial else store.dim * 4
+    return max(4 * batch_size, min(most, SHUFFLE_BYTES // sample_bytes))
 
 
 SHARD_READ_MARKERS = ("parse", "decoderaw", "example", "record", "reshape")  # TF's words for a bad record

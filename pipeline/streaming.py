@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from features.shards import shuffle_buffer_size
 from pipeline.batches import LENGTH_BUCKET
 from pipeline.caption_arrays import EncodedCaptions
 
-SHUFFLE_CAPTIONS = 8192  # samples in the shuffle buffer at most
-SHUFFLE_BYTES = 256 << 20  # ... and at most this many bytes of features in it (spatial maps are big)
+SHUFFLE_CAPTIONS = 8192  # samples in the shuffle buffer at most (fewer for big features: features.shards)
 
 
 class CaptionStream:
@@ -49,9 +49,7 @@ class CaptionStream:
 
     def shuffle_buffer(self) -> int:
         """Return the shuffle buffer's size in samples: `SHUFFLE_CAPTIONS`, fewer for big features."""
-        shape = self.store.spatial_shape if self.spatial else (self.store.dim,)
-        sample_bytes = int(np.prod(shape)) * (2 if self.spatial else 4)  # maps stay float16 until batched
-        return max(4 * self.batch_size, min(SHUFFLE_CAPTIONS, SHUFFLE_BYTES // sample_bytes))
+        return shuffle_buffer_size(self.store, self.spatial, self.batch_size, SHUFFLE_CAPTIONS)
 
     def bucket_batch_sizes(self) -> list[int]:
         """Return the captions a batch takes in each length bucket: `batch_size` captions' worth of words."""
