@@ -55,7 +55,7 @@ MODEL_FILE, VOCABULARY_FILE, CONFIG_FILE, HISTORY_FILE, CURVES_FILE = (
 CHECKPOINT_FILE, STATE_FILE = "last_epoch.keras", "last_epoch.json"
 BACKUP_DIR = ".backup"  # a distributed run's keras.callbacks.BackupAndRestore folder, gone when training ends
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RUN = PROJECT_ROOT / "pretrained" / "flickr8k_merge_lite0"
+DEFAULT_RUN = PROJECT_ROOT / "pretrained" / "flickr8k_attention_lite0"  # the shipped model (issue 22); BENCHMARKS.md
 
 
 class RunDirError(ValueError):
