@@ -28,10 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, Report, markdown_table  # noqa: E402
 from features.shards import ShardedStore  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 SMALL_RUN = 8  # images in the run that measures Beam's fixed cost
 RUN_TIMEOUT = 1800
 SUMMARY = re.compile(r": (\d+) extracted \(([\d.]+) images/s\)")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, Report, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from models.captioner import make_stepper  # noqa: E402
 from models.rundir import (  # noqa: E402
@@ -49,7 +49,6 @@ from models.rundir import (  # noqa: E402
 from models.search import DecodingOptions, SpecialTokens, beam_search, greedy_decode  # noqa: E402
 from pipeline.datasets import open_dataset  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 TRAINING_RUN = ROOT / "runs" / "merge_b64"
 BANNED = (0, 1, 2)  # <pad>, <unk>, <start>: never generated, as in models.decoding
 BEAM = 3

@@ -32,16 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_STORE, Report, markdown_table  # noqa: E402
 
-DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
 OUT = ROOT / "bench" / "out" / "distribute"
 TIMEOUT = 3600
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES, help="pickle store to convert to shards")
+    parser.add_argument("--features", type=Path, default=DEFAULT_STORE, help="pickle store to convert to shards")
     parser.add_argument("--limit-train", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the three setups, each round in a new order")

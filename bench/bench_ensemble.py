@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, Report, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from models.captioner import make_stepper  # noqa: E402
 from models.decoding import EnsembleStepper  # noqa: E402
@@ -36,8 +36,6 @@ from models.search import DecodingOptions, SpecialTokens, beam_search  # noqa: E
 from pipeline.datasets import open_dataset  # noqa: E402
 from pipeline.vocabulary import Vocabulary  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
-DEFAULT_STORE = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
 TOKENS = SpecialTokens.of(Vocabulary)
 BEAM, CHUNK = 3, 500  # images decoded together, as evaluate.py does
 LENGTH_PENALTY = 0.5  # the setting BENCHMARKS.md's figures were timed with

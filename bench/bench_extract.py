@@ -31,14 +31,13 @@ sys.path.insert(0, str(ROOT))
 import keras  # noqa: E402
 
 import features.extract  # noqa: E402
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, Report, markdown_table  # noqa: E402
 from features.encoders import ENCODERS, build_encoder, get_encoder_spec  # noqa: E402
 from features.extract import extract_features  # noqa: E402
 from features.images import load_image  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from pipeline.datasets import image_sources  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 # vgg16 is ~40x the work of efficientnet_lite0 per image: fewer images keep the run short.
 DEFAULT_IMAGES = {"efficientnet_lite0": 256, "resnet50": 64, "vgg16": 32}
 # Speed does not depend on the weights' values. efficientnet_lite0's ImageNet weights are converted

@@ -29,11 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import command, conditions, machine  # noqa: E402
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, command, conditions, machine  # noqa: E402
 from features.store import atomic_write_bytes  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
-STORE = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
 PRECISIONS = ("float32", "float16", "int8")
 GNU_TIME = "/usr/bin/time"
 
@@ -130,15 +128,15 @@ def quality(folders: dict[str, Path]) -> list[dict]:
     from models.rundir import DEFAULT_RUN
     from pipeline.datasets import open_dataset
 
-    dataset = open_dataset(DATA)
+    dataset = open_dataset(DEFAULT_DATA)
     keras = Captioner.load(DEFAULT_RUN)
-    rows = [evaluated("keras", "float32", "stored features", evaluate_captions(keras, dataset, features=STORE))]
+    rows = [evaluated("keras", "float32", "stored features", evaluate_captions(keras, dataset, features=DEFAULT_STORE))]
     reference = rows[0]["captions"]
     rows.append(evaluated("keras", "float32", "photos", evaluate_captions(keras, dataset)))
     for precision, folder in folders.items():
         with native_stderr_silenced():
             lite = LiteCaptioner.load(folder)
-        for source, store in (("stored features", STORE), ("photos", None)):
+        for source, store in (("stored features", DEFAULT_STORE), ("photos", None)):
             rows.append(evaluated("litert", precision, source, evaluate_captions(lite, dataset, features=store)))
     for row in rows:
         row["same"] = sum(row["captions"][i] == reference[i] for i in reference) / len(reference)
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.datasets import open_dataset
 
-    photo = args.photo or open_dataset(DATA).image_path(open_dataset(DATA).split_ids("dev")[0])
+    photo = args.photo or open_dataset(DEFAULT_DATA).image_path(open_dataset(DEFAULT_DATA).split_ids("dev")[0])
     lines = [
         "# LiteRT runtime against Keras (issue 20)",
         "",

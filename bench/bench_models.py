@@ -28,14 +28,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, Report, markdown_table  # noqa: E402
 from models.captioner import Captioner  # noqa: E402
 from models.evaluation import DECODE_CHUNK, stored_features  # noqa: E402
+from models.rundir import MODEL_FILE  # noqa: E402
 from models.search import DecodingOptions  # noqa: E402
 from pipeline.datasets import open_dataset  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
-DEFAULT_STORE = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
 
 
 def named_model(text: str) -> tuple[str, list[str]]:
@@ -75,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ids = open_dataset(args.data).split_ids("dev")[: args.images]
     options = DecodingOptions(beam=args.beam)
-    captioners, features = {}, {}
+    captioners, features, loaded = {}, {}, {}  # loaded: the vectors or the maps, read once for every model
     for name, paths in args.model:
         captioner = captioners[name] = Captioner.load(paths)
-        features[name] = np.concatenate([chunk for _, chunk in stored_features(captioner, args.features, ids)])
+        if captioner.reads_regions not in loaded:
+            chunks = stored_features(captioner, args.features, ids)
+            loaded[captioner.reads_regions] = np.concatenate([chunk for _, chunk in chunks])
+        features[name] = loaded[captioner.reads_regions]
         decode(captioner, features[name][:8], options)  # trace the step functions before timing
     seconds: dict[str, list[float]] = {name: [] for name in captioners}
     for _ in range(args.repeats):
@@ -90,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.reference or max(captioners, key=lambda name: len(captioners[name].runs))
     rows = []
     for name, captioner in captioners.items():
-        megabytes = sum((run.path / "model.keras").stat().st_size for run in captioner.runs) / 1e6
+        megabytes = sum((run.path / MODEL_FILE).stat().st_size for run in captioner.runs) / 1e6
         parameters = sum(run.model.count_params() for run in captioner.runs)
         decoders = sorted({run.model_config.decoder for run in captioner.runs})
         rows.append(
             [
-                f"`{name}` ({', '.join(str(run.path.relative_to(ROOT)) if run.path.is_relative_to(ROOT) else str(run.path) for run in captioner.runs)})",
+                f"`{name}` ({', '.join(os.path.relpath(run.path, ROOT) for run in captioner.runs)})",
                 f"{len(captioner.runs)} x {'/'.join(decoders)}",
                 f"{parameters:,}",
                 f"{megabytes:.1f}",

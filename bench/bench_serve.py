@@ -30,10 +30,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import conditions  # noqa: E402  (after the path set-up, as a script)
+from bench.common import DEFAULT_DATA, conditions  # noqa: E402  (after the path set-up, as a script)
 from features.store import atomic_write_bytes  # noqa: E402
 
-DEFAULT_PHOTOS = ROOT.parent / "shared" / "datasets" / "flickr8k" / "Images"
+DEFAULT_PHOTOS = DEFAULT_DATA / "Images"
 BAD_EVERY = 10  # one request in ten is a bad upload
 
 

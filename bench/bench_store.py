@@ -52,10 +52,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, Report, markdown_table  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
-DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
 DIM = 1280
 META = {"encoder": "efficientnet_lite0", "image_size": 224, "preprocessing": "(x - 127) / 128",
         "weights": "none", "dim": DIM, "spatial": False}  # fmt: skip
@@ -75,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--passes", type=int, default=20, help="classifier: passes over the images per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds of the Flickr8k epochs")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES)
+    parser.add_argument("--features", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--skip-flickr", action="store_true", help="leave out parts 3 and 4 (real features)")
     parser.add_argument(
         "--parts",

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
-from bench.common import Report, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, Report, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from models.config import CaptionModelConfig  # noqa: E402
 from models.merge import build_merge_model  # noqa: E402
@@ -38,13 +38,10 @@ from models.training import caption_sequence, compile_caption_model, prepare_cap
 from pipeline.batches import CaptionSequence  # noqa: E402
 from pipeline.datasets import open_dataset  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
-DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES, help="efficientnet_lite0 feature store")
+    parser.add_argument("--features", type=Path, default=DEFAULT_STORE, help="efficientnet_lite0 feature store")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Flickr8k-style folder")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per step, both paths (default 64)")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per path (default 60)")

@@ -22,6 +22,9 @@ if str(ROOT) not in sys.path:
 
 from features.store import atomic_write_bytes  # noqa: E402
 
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"  # the benchmarks' Flickr8k copy
+DEFAULT_STORE = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"  # extract_features.py's default store
+
 
 def machine() -> str:
     """Return e.g. '2-core x86_64 CPU, no GPU' (the GPU part as TensorFlow sees it)."""

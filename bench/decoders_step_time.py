@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import run_steps, warmup_indices  # noqa: E402
-from bench.common import conditions, machine, markdown_table  # noqa: E402
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, conditions, machine, markdown_table  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from models.config import CaptionModelConfig  # noqa: E402
 from models.training import (  # noqa: E402
@@ -33,14 +33,12 @@ from models.training import (  # noqa: E402
 )
 from pipeline.datasets import open_dataset  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
-DEFAULT_FEATURES = ROOT / "features" / "store" / "flickr8k_efficientnet_lite0.pkl"
 DECODERS = ("merge", "inject", "attention")  # the built-in decoders of models.decoders
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", type=Path, default=DEFAULT_FEATURES)
+    parser.add_argument("--features", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per decoder")
