@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_command(commands) -> None:
     """Add `train`, whose options are named like the fields of ClassifierTrainingOptions."""
-    from classifier.augment import AUGMENTATIONS
     from classifier.model import HEADS
+    from features.augment import AUGMENTATIONS
     from features.encoders import DEFAULT_ENCODER, ENCODERS
 
     train = commands.add_parser("train", help="train a classifier head and write a run directory")
@@ -130,7 +130,7 @@ def add_predict_command(commands) -> None:
 
 def check_train_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse impossible train options with argparse's one line; split --augment into its names."""
-    from classifier.augment import AUGMENTATIONS
+    from features.augment import AUGMENTATIONS
 
     for name in ("epochs", "batch_size", "patience", "rnn_units", "fine_tune_epochs"):
         if getattr(args, name) < 1:

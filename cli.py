@@ -200,7 +200,7 @@ def captioning_errors(runtime, classifier: bool = False) -> tuple[type[Exception
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags that say how to read a caption dataset (`pipeline.datasets.DatasetOptions`):
-    --images, --no-restval. train.py, evaluate.py and extract_features.py share them."""
+    --images, --no-restval, --mirror. train.py, evaluate.py and extract_features.py share them."""
     group = parser.add_argument_group("dataset")
     group.add_argument(
         "--images",
@@ -213,10 +213,16 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Karpathy split: keep the restval images out of train (by default they train, as in Karpathy's split)",
     )
+    group.add_argument(
+        "--mirror",
+        action="store_true",
+        help="the train split also holds each train image's mirror image (ID#flip, its captions with left and "
+        "right swapped): extract_features.py extracts them, train.py trains on them",
+    )
 
 
 def dataset_options(args: argparse.Namespace):
     """Return the `pipeline.datasets.DatasetOptions` of flags added by `add_dataset_arguments`."""
     from pipeline.datasets import DatasetOptions
 
-    return DatasetOptions(images=args.images, restval_in_train=not args.no_restval)
+    return DatasetOptions(images=args.images, restval_in_train=not args.no_restval, mirror_train=args.mirror)

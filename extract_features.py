@@ -2,6 +2,7 @@
 
 python extract_features.py                       # Flickr8k in ../shared, efficientnet_lite0
 python extract_features.py --data DIR --encoder vgg16 --weights vgg16.h5 --spatial
+python extract_features.py --spatial --mirror          # also each train image's mirror, ID#flip (train.py --mirror)
 python extract_features.py --data dataset_coco.json --images coco/ --store shards   # a folder of shards
 python extract_features.py --convert features/store/flickr8k_efficientnet_lite0.pkl --out flickr8k_shards
 python extract_features.py --out flickr8k_shards --beam --direct_running_mode multi_processing --direct_num_workers 2
@@ -81,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from features.augment import augment_pixels
     from features.encoders import EncoderError
     from features.extract import choose_store_format, extract_features
     from features.images import set_max_pixels
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return convert(args.convert, args.out, args.shard_size)
     if args.beam and args.store == "pickle":
         fail("--beam writes a sharded store (a folder): drop --store pickle, or drop --beam")
+    if args.beam and args.mirror:
+        fail("--mirror runs without --beam: extract the mirror images with the local extraction")
     set_max_pixels(args.max_pixels)
     with clean_errors(EncoderError, FeatureStoreError, CaptionFileError, OSError):
         sources, missing = image_sources(args.data, dataset_options(args))
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 store_format=store_format,
                 shard_size=args.shard_size,
+                augment=augment_pixels if args.mirror else None,  # flips what an ID#flip id names
             )
     print_report(out, report, missing)
     if report.extracted == 0 and report.already_present == 0:

@@ -7,6 +7,7 @@ python train.py --self-critical runs/merge --epochs 12 --out runs/merge_scst
 python train.py --self-critical runs/attention --epochs 3 --meteor-weight 3 --out runs/attention_scst
 python train.py --distill-from pretrained/flickr8k_merge_lite0 --epochs 7 --batch-size 64 --dropout 0.3 --out runs/kd
 python train.py --distill-from runs/att_s0 runs/att_s1 --teacher-captions 2 --teacher-beam 5 --out runs/kd_att
+python train.py --decoder attention --mirror --out runs/att_mirror   # after extract_features.py --spatial --mirror
 """
 
 from __future__ import annotations

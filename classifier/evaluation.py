@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import auc, classification_report, confusion_matrix, roc_curve
 
-from classifier.augment import augment_pixels, augmented_id, augmented_sources
 from classifier.classes import ClassFolder, ClassFolderError, load_class_folder
 from classifier.model import (
     FLIP,
@@ -23,6 +22,7 @@ from classifier.model import (
     load_classifier_run,
     prepare_inputs,
 )
+from features.augment import augment_pixels, augmented_id, augmented_sources
 from models.rundir import write_json
 
 CONFUSION_FILE, ROC_FILE = "confusion_matrix.png", "roc.png"

@@ -34,8 +34,8 @@ from classifier.activations import (
     cached_ids,
     read_activations,
 )
-from classifier.augment import AUGMENTATIONS
 from classifier.streaming import LabelledPart, LabelledStream, stream_probabilities
+from features.augment import AUGMENTATIONS, FLIP
 from features.encoders import EncoderSpec, build_encoder, build_encoder_split, get_encoder_spec
 from features.extract import ExtractionReport, choose_store_format, extract_features
 from features.images import ImageDecodeError, load_image
@@ -52,7 +52,6 @@ ENCODE_BATCH = 32
 STORE_FOLDER = Path("features") / "store"
 PREDICT_CHUNK = 512  # rows widened to float32 at a time when predicting from float16 maps
 PREDICT_BATCH = 64  # images a batch when predicting from a sharded store
-FLIP = "flip"  # the test-time augmentation: a horizontal mirror (classifier.augment)
 
 
 class ClassifierError(ValueError):

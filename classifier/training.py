@@ -19,7 +19,6 @@ import numpy as np
 import tensorflow as tf
 
 from classifier.activations import CachedActivations
-from classifier.augment import AUGMENTATIONS, augment_pixels, augmented_sources, original_id
 from classifier.classes import ClassFolder, LabelledBatches, load_class_folder, stratified_split
 from classifier.finetune import build_fine_tuned_classifier
 from classifier.model import (
@@ -38,6 +37,7 @@ from classifier.model import (
     write_classifier_config,
 )
 from classifier.streaming import LabelledStream, keras_data
+from features.augment import AUGMENTATIONS, augment_pixels, augmented_sources, original_id
 from features.encoders import EncoderSpec, build_encoder_split, get_encoder_spec
 from features.extract import _weights_label
 from features.shards import reading_shards
@@ -51,7 +51,7 @@ Batches = LabelledBatches | LabelledStream  # in-memory arrays, or streamed from
 @dataclass
 class ClassifierTrainingOptions:
     head: str = "dense"
-    augmentations: list[str] = field(default_factory=list)  # names from classifier.augment; [] = none
+    augmentations: list[str] = field(default_factory=list)  # names from features.augment; [] = none
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3

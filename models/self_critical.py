@@ -292,7 +292,7 @@ def self_critical_train(
         model, rows = (
             resume_state(run, source_run, options)
             if resume
-            else start_run(run, init_run, source_run, features, train, dev, options)
+            else start_run(run, init_run, source_run, features, dataset, train, dev, options)
         )
         decoding = options.dev_decoding.with_max_length(source_run.model_config.max_caption_length)
         decoder = source_run.model_config.decoder
@@ -354,16 +354,31 @@ def resume_state(run: RunDir, source_run: CaptionRun, options: SelfCriticalOptio
 
 
 def start_run(
-    run: RunDir, init_run, source_run: CaptionRun, features, train: SplitCaptions, dev: SplitCaptions, options
+    run: RunDir,
+    init_run,
+    source_run: CaptionRun,
+    features,
+    dataset: CaptionDataset,
+    train: SplitCaptions,
+    dev: SplitCaptions,
+    options,
 ) -> tuple[keras.Model, list]:
-    """Return the starting run's model, compiled, after writing the new run's vocabulary and config."""
+    """Return the starting run's model, compiled, after writing the new run's vocabulary and config.
+
+    The top-level data facts stay the starting run's (what teacher forcing read); `self_critical`
+    records the dataset this stage read, which may differ (another folder, `--mirror`)."""
     model = source_run.model
     model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), loss="sparse_categorical_crossentropy")
     run.copy_vocabulary_from(RunDir(init_run))
     run.write_config(
         {
             **source_run.config,
-            "self_critical": {**asdict(options), "init_run": str(init_run), "features": str(features)},
+            "self_critical": {
+                **asdict(options),
+                "init_run": str(init_run),
+                "features": str(features),
+                **dataset.run_facts(),
+            },
             "train_images": len(train.image_ids),
             "dev_images": len(dev.image_ids),
         }

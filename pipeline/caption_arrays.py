@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.captions import SplitCaptions, select_split
+from features.augment import original_id
+from pipeline.captions import CaptionFileError, SplitCaptions, select_split
 from pipeline.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
@@ -48,9 +49,18 @@ class CaptionData:
 def select_train_dev(
     dataset: CaptionDataset, available: set[str], limit_train: int | None = None
 ) -> tuple[SplitCaptions, SplitCaptions]:
-    """Return the cleaned train (its first `limit_train` images) and dev captions of images in `available`."""
+    """Return the cleaned train (its first `limit_train` images) and dev captions of images in `available`.
+
+    A dataset with mirrored train images is refused when the store has none of them: training would
+    silently be the plain run.
+    """
     captions = dataset.captions()
     train = select_split(captions, dataset.split_ids("train")[:limit_train], available)
+    if dataset.options.mirror_train and not any(original_id(i) != i for i in train.image_ids):
+        raise CaptionFileError(
+            f"{dataset.root}: the feature store has none of the train images' mirrors (ID#flip); "
+            "extract them with extract_features.py --mirror"
+        )
     return train, select_split(captions, dataset.split_ids("dev"), available)
 
 
@@ -70,8 +80,9 @@ def caption_data(dataset: CaptionDataset, available: set[str], selection: Captio
     train, dev = select_train_dev(dataset, available, selection.limit_train)
     train_captions = [c for i in train.image_ids for c in train.captions[i]]
     vocabulary = selection.vocabulary
-    if vocabulary is None:
-        vocabulary = Vocabulary.build(train_captions, selection.min_count)
+    if vocabulary is None:  # a mirror image's captions would count each word twice
+        originals = [c for i in train.image_ids if original_id(i) == i for c in train.captions[i]]
+        vocabulary = Vocabulary.build(originals, selection.min_count)
     max_caption_length = max((len(c) for c in train_captions), default=0) + 2  # + <start>, <end>
     return CaptionData(vocabulary, max_caption_length, train, dev)
 

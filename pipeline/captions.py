@@ -10,6 +10,7 @@ Which file of a dataset folder holds what is the dataset's business: see `pipeli
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -69,6 +70,15 @@ def clean_caption(text: str) -> list[str]:
     interned: COCO's 600k captions then hold one copy of each word, not one per use (a third of a GB).
     """
     return [sys.intern(token) for token in wordpunct_tokenize(text.lower()) if token.isalpha()]
+
+
+_SIDES = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+_SIDE_WORD = re.compile(r"\b(?:left|right|Left|Right|LEFT|RIGHT)\b")
+
+
+def mirror_caption(text: str) -> str:
+    """Return the caption of the image's mirror image: `left` and `right` swapped, as whole words."""
+    return _SIDE_WORD.sub(lambda match: _SIDES[match.group(0)], text)
 
 
 @dataclass

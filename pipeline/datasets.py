@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from pipeline.captions import CaptionFileError, Captions, read_captions_csv, read_split, read_token_file
+from features.augment import FLIP, augmented_id, original_id
+from pipeline.captions import (
+    CaptionFileError,
+    Captions,
+    mirror_caption,
+    read_captions_csv,
+    read_split,
+    read_token_file,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class DatasetOptions:
 
     images: Path | None = None  # the image root; None: the format's default, beside the caption file
     restval_in_train: bool = True  # Karpathy's `restval` images train, as in his split (False: left out)
+    mirror_train: bool = False  # the train split also holds each train image's mirror image (`WithMirroredTrain`)
 
 
 class CaptionDataset(ABC):
@@ -136,6 +145,46 @@ class WithExtraCaptions(CaptionDataset):
         return self.base.image_path(image_id)
 
 
+class WithMirroredTrain(CaptionDataset):
+    """A dataset whose train split also holds each train image's mirror image, `ID#flip`, right after it.
+
+    A mirror's captions are its image's with `left` and `right` swapped (`mirror_caption`); its path is
+    its image's, and extraction flips the pixels the id names (`features.augment.augment_pixels`), so a
+    feature store keeps both under their own ids. Not a format on disk: `detect_dataset` wraps a dataset
+    in it when `DatasetOptions.mirror_train` is set (the scripts' `--mirror`).
+    """
+
+    def __init__(self, base: CaptionDataset) -> None:
+        super().__init__(base.root, base.options)
+        self.base = base
+        self.splits = base.splits
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return False
+
+    def run_facts(self) -> dict:
+        return {**self.base.run_facts(), "mirror_train": True}
+
+    def mirror_ids(self) -> list[str]:
+        """Return the ids of the train split's mirror images, in split order."""
+        return [augmented_id(image_id, FLIP) for image_id in self.base.split_ids("train")]
+
+    def _read_captions(self) -> Captions:
+        captions = dict(self.base.captions())
+        for image_id in self.base.split_ids("train"):
+            if image_id in captions:
+                captions[augmented_id(image_id, FLIP)] = [mirror_caption(c) for c in captions[image_id]]
+        return captions
+
+    def _read_split(self, split: str) -> list[str]:
+        ids = self.base.split_ids(split)
+        return [i for image_id in ids for i in (image_id, augmented_id(image_id, FLIP))] if split == "train" else ids
+
+    def image_path(self, image_id: str) -> Path:
+        return self.base.image_path(original_id(image_id))
+
+
 FORMATS: list[type[CaptionDataset]] = []  # tried in registration order by `open_dataset`
 
 
@@ -152,7 +201,8 @@ def detect_dataset(path: str | Path, options: DatasetOptions | None = None) -> C
     path = Path(path)
     for cls in FORMATS:
         if cls.detect(path):
-            return cls(path, options)
+            dataset = cls(path, options)
+            return WithMirroredTrain(dataset) if dataset.options.mirror_train else dataset
     return None
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from classifier.augment import AUGMENTATIONS, augment_pixels, augmented_id, original_id
 from classifier.classes import ClassFolderError, LabelledBatches, load_class_folder, stratified_split
 from classifier.model import (
     ClassifierConfig,
@@ -23,6 +22,7 @@ from classifier.model import (
     predict_probabilities,
 )
 from conftest import make_image
+from features.augment import AUGMENTATIONS, augment_pixels, augmented_id, original_id
 from features.store import FeatureStore
 from models.rundir import RunDirError, save_model_without_optimizer
 

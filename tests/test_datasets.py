@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import COLOURS, SHARED_FLICKR, TINY_CAPTIONS, make_image
@@ -167,3 +168,100 @@ def test_an_image_root_that_is_not_there_is_named(tmp_path):
     path = write_karpathy_json(tmp_path / "d.json", {"a.jpg": ["a dog"]}, {"train": ["a.jpg"]})
     with pytest.raises(CaptionFileError, match=r"absent: no such image folder \(--images\)"):
         open_dataset(path, DatasetOptions(images=tmp_path / "absent"))
+
+
+# ---- mirrored train images (--mirror, issue 22) ----
+
+
+def test_mirror_caption_swaps_left_and_right_as_whole_words_only():
+    from pipeline.captions import mirror_caption
+
+    assert (
+        mirror_caption("A dog on the left turns Right , RIGHT-handed") == "A dog on the right turns Left , LEFT-handed"
+    )
+    assert mirror_caption("a bright leftover copyright") == "a bright leftover copyright"
+
+
+def test_a_mirrored_dataset_adds_each_train_images_mirror_after_it(tiny_flickr):
+    plain = open_dataset(tiny_flickr)
+    mirrored = open_dataset(tiny_flickr, DatasetOptions(mirror_train=True))
+    train = plain.split_ids("train")
+    assert mirrored.split_ids("train")[:4] == [train[0], f"{train[0]}#flip", train[1], f"{train[1]}#flip"]
+    assert len(mirrored.split_ids("train")) == 2 * len(train) == 18
+    assert mirrored.split_ids("dev") == plain.split_ids("dev")
+    assert f"{plain.split_ids('dev')[0]}#flip" not in mirrored.captions()  # only train is mirrored
+    assert mirrored.image_path("red_0.jpg#flip") == plain.image_path("red_0.jpg")
+    assert mirrored.run_facts() == {**plain.run_facts(), "mirror_train": True}
+    sources, _ = image_sources(tiny_flickr, DatasetOptions(mirror_train=True))
+    assert sources["red_0.jpg#flip"] == sources["red_0.jpg"] and "red_3.jpg#flip" not in sources
+
+
+def test_a_mirror_images_captions_swap_sides(tmp_path):
+    root = tmp_path / "flickr"
+    (root / "Images").mkdir(parents=True)
+    make_image(root / "Images" / "a.jpg")
+    (root / "Flickr8k.token.txt").write_text("a.jpg#0\tA man on the left .\na.jpg#1\tTwo dogs\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("a.jpg\n")
+    (root / "Flickr_8k.devImages.txt").write_text("")
+    captions = open_dataset(root, DatasetOptions(mirror_train=True)).captions()
+    assert captions["a.jpg#flip"] == ["A man on the right .", "Two dogs"]
+    assert captions["a.jpg"] == ["A man on the left .", "Two dogs"]
+
+
+def test_extraction_and_training_with_mirror(tiny_flickr, tiny_store, tmp_path, capsys):
+    """extract_features.py --mirror stores each train image's mirror as that mirror image's features;
+    train.py --mirror trains on twice the images with the plain run's vocabulary, and refuses a store
+    without mirrors."""
+    from PIL import Image, ImageOps
+
+    import extract_features
+    import train
+    from features.store import open_feature_store
+
+    store = tmp_path / "mirrored.pkl"
+    argv = ["--data", str(tiny_flickr), "--out", str(store), "--no-progress", "--mirror"]  # ImageNet weights
+    assert extract_features.main(argv) == 0
+    assert "21 extracted" in capsys.readouterr().out  # 9 train images and their 9 mirrors, 3 dev images
+    features = open_feature_store(store).features
+    assert len(features) == 21 and "red_3.jpg#flip" not in features
+
+    # The same encoder on a mirrored copy of the file gives the mirror's vector; the image's own differs.
+    mirror_folder = tmp_path / "mirror_files"
+    mirror_folder.mkdir()
+    ImageOps.mirror(Image.open(tiny_flickr / "Images" / "red_0.jpg")).save(mirror_folder / "red_0.png")
+    assert extract_features.main(["--data", str(mirror_folder), "--out", str(tmp_path / "m.pkl")]) == 0
+    copy = open_feature_store(tmp_path / "m.pkl").features["red_0.png"]
+    assert np.abs(features["red_0.jpg#flip"] - copy).max() < 1e-3 * np.abs(copy).max()
+    assert np.abs(features["red_0.jpg#flip"] - features["red_0.jpg"]).max() > 0.05 * np.abs(copy).max()
+
+    common = ["--features", str(store), "--data", str(tiny_flickr), "--epochs", "1", "--batch-size", "8"]
+    common += ["--units", "8", "--embedding-dim", "4", "--min-count", "4"]  # words of 3 captions: 6 with mirrors
+    assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "mirrored"), "--mirror"]) == 0
+    config = json.loads((tmp_path / "mirrored" / "config.json").read_text())
+    assert config["train_images"] == 18 and config["mirror_train"] is True
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["train_images"] == 9
+    vocabulary = (tmp_path / "mirrored" / "vocabulary.json").read_text()
+    assert vocabulary == (tmp_path / "plain" / "vocabulary.json").read_text() and '"square"' not in vocabulary
+    critical = ["--self-critical", str(tmp_path / "plain"), "--features", str(store), "--data", str(tiny_flickr)]
+    critical += ["--epochs", "1", "--batch-images", "6", "--samples", "2", "--out", str(tmp_path / "critical")]
+    assert train.main([*critical, "--mirror"]) == 0
+    config = json.loads((tmp_path / "critical" / "config.json").read_text())
+    assert config["train_images"] == 18 and config["self_critical"]["mirror_train"] is True
+    assert "mirror_train" not in config  # teacher forcing, the plain run's stage, read no mirrors
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(
+            ["--features", str(tiny_store), "--data", str(tiny_flickr), "--mirror", "--out", str(tmp_path / "r")]
+        )
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "extract_features.py --mirror" in error and len(error.splitlines()) == 1
+
+
+def test_mirror_with_beam_is_one_error_line(tiny_flickr, tmp_path, capsys):
+    import extract_features
+
+    with pytest.raises(SystemExit) as exit_info:
+        extract_features.main(["--data", str(tiny_flickr), "--out", str(tmp_path / "s"), "--beam", "--mirror"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--mirror runs without --beam" in error and len(error.splitlines()) == 1

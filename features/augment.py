@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 SEPARATOR = "#"
+FLIP = "flip"  # the horizontal mirror: the classifier's test-time augmentation, the captioner's --mirror
 ROTATION_DEGREES = 10.0
 BRIGHTNESS_FACTOR = 1.25
 
@@ -41,7 +42,7 @@ def _brighten(pixels: np.ndarray) -> np.ndarray:
 
 
 AUGMENTATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "flip": _flip,  # horizontal mirror
+    FLIP: _flip,  # horizontal mirror
     "rotate": _rotate,  # 10 degrees counter-clockwise, cropped to hide the corners
     "bright": _brighten,  # brightness x1.25
 }
