@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import ROOT, Report, markdown_table
+from common import DEFAULT_DATA, ROOT, Report, markdown_table
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 
@@ -21,7 +21,7 @@ METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, nargs="+", required=True, help="run directories to compare")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "flickr8k")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--length-penalties", type=float, nargs="+", default=[0.0])
