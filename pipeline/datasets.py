@@ -166,10 +166,6 @@ class WithMirroredTrain(CaptionDataset):
     def run_facts(self) -> dict:
         return {**self.base.run_facts(), "mirror_train": True}
 
-    def mirror_ids(self) -> list[str]:
-        """Return the ids of the train split's mirror images, in split order."""
-        return [augmented_id(image_id, FLIP) for image_id in self.base.split_ids("train")]
-
     def _read_captions(self) -> Captions:
         captions = dict(self.base.captions())
         for image_id in self.base.split_ids("train"):
@@ -240,6 +236,8 @@ def image_sources(path: str | Path, options: DatasetOptions | None = None) -> tu
         return dataset.image_sources()
     if not path.is_dir():
         raise CaptionFileError(f"{path}: no such folder")
+    if options is not None and options.mirror_train:
+        raise CaptionFileError(f"{path}: --mirror needs a caption dataset (its train split); this is a plain folder")
     images = path / Flickr8kFolder.IMAGE_DIR
     folder = images if images.is_dir() else path
     return {image.name: image for image in list_images(folder)}, []

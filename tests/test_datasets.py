@@ -194,6 +194,8 @@ def test_a_mirrored_dataset_adds_each_train_images_mirror_after_it(tiny_flickr):
     assert mirrored.run_facts() == {**plain.run_facts(), "mirror_train": True}
     sources, _ = image_sources(tiny_flickr, DatasetOptions(mirror_train=True))
     assert sources["red_0.jpg#flip"] == sources["red_0.jpg"] and "red_3.jpg#flip" not in sources
+    with pytest.raises(CaptionFileError, match="needs a caption dataset"):
+        image_sources(tiny_flickr / "Images", DatasetOptions(mirror_train=True))  # a plain folder has no train split
 
 
 def test_a_mirror_images_captions_swap_sides(tmp_path):
