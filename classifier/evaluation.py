@@ -15,14 +15,13 @@ from sklearn.metrics import auc, classification_report, confusion_matrix, roc_cu
 
 from classifier.classes import ClassFolder, ClassFolderError, load_class_folder
 from classifier.model import (
-    FLIP,
     ClassifierRun,
     augmented_store_path,
     default_store_path,
     load_classifier_run,
     prepare_inputs,
 )
-from features.augment import augment_pixels, augmented_id, augmented_sources
+from features.augment import FLIP, augment_pixels, augmented_id, augmented_sources
 from models.rundir import write_json
 
 CONFUSION_FILE, ROC_FILE = "confusion_matrix.png", "roc.png"
