@@ -7,6 +7,7 @@ python train.py --self-critical runs/merge --epochs 12 --out runs/merge_scst
 python train.py --self-critical runs/attention --epochs 3 --meteor-weight 3 --out runs/attention_scst
 python train.py --distill-from pretrained/flickr8k_merge_lite0 --epochs 7 --batch-size 64 --dropout 0.3 --out runs/kd
 python train.py --distill-from runs/att_s0 runs/att_s1 --teacher-captions 2 --teacher-beam 5 --out runs/kd_att
+python train.py --decoder attention --distill-from runs/att_s0 runs/att_s1 --distill-level word --out runs/wkd_att
 python train.py --decoder attention --mirror --out runs/att_mirror   # after extract_features.py --spatial --mirror
 """
 
@@ -136,10 +137,12 @@ def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     from models.search import DecodingOptions
 
     distil = parser.add_argument_group(
-        "sequence-level distillation",
+        "distillation",
         "train a student with teacher forcing on the human captions plus a teacher's beam-search captions of "
-        "every train image (Kim and Rush 2016; models/distillation.py); the teacher captions go to --out/teacher/ "
-        "in chunks, and --resume continues the teacher pass or the training, whichever was interrupted",
+        "every train image (sequence level), or on the human captions with each next word's target mixed with "
+        "the teacher's next-word distribution (word level); Kim and Rush 2016, models/distillation.py. The "
+        "teacher's output goes to --out/teacher/ in chunks, and --resume continues the teacher pass or the "
+        "training, whichever was interrupted",
     )
     distil.add_argument(
         "--distill-from",
@@ -148,12 +151,27 @@ def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="the teacher: run or ensemble directories, decoded together as one model",
     )
+    distil.add_argument(
+        "--distill-level",
+        choices=("sequence", "word"),
+        default="sequence",
+        help="sequence: the teacher's captions as more data; word: its next-word distributions as soft targets",
+    )
     distil.add_argument("--teacher-captions", type=int, default=1, help="the teacher's N best beams per image")
     distil.add_argument(
         "--teacher-beam",
         type=int,
         default=DecodingOptions.beam,
         help="the teacher's beam width (length penalty and trigram block: the decoding defaults)",
+    )
+    distil.add_argument(
+        "--soft-top-k", type=int, default=20, help="word level: the teacher's K most likely words kept per position"
+    )
+    distil.add_argument(
+        "--soft-weight",
+        type=float,
+        default=0.5,
+        help="word level: the teacher's share of each target (the human word has the rest)",
     )
 
 
@@ -181,6 +199,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--distill-from trains a new student; fine-tune it afterwards with --self-critical")
     if args.distill_from and args.distribute == "multi-worker":
         parser.error("--distill-from runs its teacher pass in one process; use --distribute none or mirrored")
+    if args.distill_level == "word" and not args.distill_from:
+        parser.error("--distill-level word needs --distill-from RUN_DIR")
+    if args.soft_top_k < 1:
+        parser.error("--soft-top-k must be positive")
+    if not 0 < args.soft_weight <= 1:
+        parser.error("--soft-weight must be in (0, 1]")
     if not 1 <= args.teacher_captions <= args.teacher_beam:
         parser.error("--teacher-captions must be between 1 and --teacher-beam")
 
@@ -276,6 +300,8 @@ def distil(args: argparse.Namespace, errors: tuple, options, model_options: dict
     from models.search import DecodingOptions
     from pipeline.datasets import open_dataset
 
+    if args.distill_level == "word":
+        return distil_words(args, (*errors, DistillationError), options, model_options)
     with clean_errors(*errors, DistillationError):
         teacher = TeacherOptions(
             tuple(str(path) for path in args.distill_from),
@@ -293,6 +319,28 @@ def distil(args: argparse.Namespace, errors: tuple, options, model_options: dict
     print(
         f"{training.run_dir}: {training.epochs_run} epochs in {training.seconds:.0f} s on {training.device}; "
         f"{training.train_captions} train captions (human + teacher)"
+        + (f"; best dev loss {training.best_val_loss:.4f}" if training.best_val_loss is not None else "")
+    )
+    return 0
+
+
+def distil_words(args: argparse.Namespace, errors: tuple, options, model_options: dict) -> int:
+    from models.distillation import SoftTargetOptions, teacher_soft_targets, train_soft_student
+    from pipeline.datasets import open_dataset
+
+    with clean_errors(*errors):
+        teacher = SoftTargetOptions(tuple(str(path) for path in args.distill_from), args.soft_top_k, args.soft_weight)
+        dataset = open_dataset(args.data, dataset_options(args))
+        soft = teacher_soft_targets(args.features, dataset, args.out, teacher, options, args.decoder, args.resume)
+        print(
+            f"teacher soft targets: top {soft.top_k} words at {len(soft.word_ids)} positions of "
+            f"{len(soft.positions)} captions, {soft.facts['teacher_seconds']:.0f} s in all",
+            flush=True,
+        )
+        training = train_soft_student(args.features, dataset, args.out, soft, options, model_options)
+    print(
+        f"{training.run_dir}: {training.epochs_run} epochs in {training.seconds:.0f} s on {training.device}; "
+        f"{training.train_captions} train captions with soft targets"
         + (f"; best dev loss {training.best_val_loss:.4f}" if training.best_val_loss is not None else "")
     )
     return 0

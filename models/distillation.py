@@ -1,4 +1,5 @@
-"""Sequence-level knowledge distillation (Kim and Rush, 2016): a teacher's beam-search captions as more data.
+"""Knowledge distillation (Kim and Rush, 2016): a teacher's beam-search captions as more data (sequence
+level), or its next-word distributions as soft targets (word level).
 
 The teacher (a run or an ensemble directory, or several: anything `Captioner.load` reads) captions
 every train image with batched beam search from the stored features. Its captions go into the
@@ -10,26 +11,47 @@ so the student's dev loss compares with that of a run trained without a teacher.
 RUN_DIR/teacher/config.json           the teacher, its settings, the images it captions, its seconds
 RUN_DIR/teacher/captions_00000.json   one chunk's captions in the COCO results format
                                       ([{"image_id", "caption"}], an image's captions best first)
+
+Word level (Hinton et al. 2015, Kim and Rush's "word-level"): the teacher's runs read every human train
+caption with teacher forcing; their mean next-word distribution, cut to its top k
+(pipeline/soft_targets.py), is mixed with the human word as the student's target. Its chunks, written
+the same way, go beside:
+
+RUN_DIR/teacher/soft_targets.json          the teacher, k, the captions' digest, its seconds
+RUN_DIR/teacher/soft_targets_00000.npz     one chunk of captions' top-k word ids and probabilities
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from features.store import atomic_write_bytes, open_feature_store, read_versioned_json
 from models.captioner import Captioner
-from models.rundir import STATE_FILE, RunDir, RunDirError, write_json
+from models.decoders import get_decoder
+from models.rundir import CONFIG_FILE, STATE_FILE, CaptionRun, RunDir, RunDirError, load_runs, write_json
 from models.search import DecodingOptions
-from models.training import TrainingOptions, TrainingResult, stored_ids, train_caption_model
+from models.training import (
+    TrainingError,
+    TrainingOptions,
+    TrainingResult,
+    prepare_caption_data,
+    stored_ids,
+    train_caption_model,
+)
+from pipeline.batches import encode_captions, pad_batch
 from pipeline.caption_arrays import select_train_dev
 from pipeline.captions import Captions
 from pipeline.datasets import CaptionDataset, WithExtraCaptions, as_dataset
+from pipeline.soft_targets import SoftTargets, caption_digest, top_k_rows
+from pipeline.vocabulary import Vocabulary
 
 TEACHER_DIR = "teacher"
 MANIFEST_FILE = "config.json"
@@ -70,37 +92,45 @@ class TeacherOptions:
         }
 
 
-class TeacherCaptions:
-    """The teacher's captions in a run directory: a manifest, then one file per chunk of images."""
+class TeacherFiles:
+    """What a teacher pass writes in a run directory: a manifest, then one file per chunk, each written
+    atomically; the manifest adds up the seconds of the chunks written."""
+
+    manifest_file, manifest_format, manifest_version = MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION
+    chunk_name = "captions_{index:05d}.json"
+    what = "teacher captions"
+    same_keys = ("teacher", "images", "image_ids_sha1")  # a resumed pass must match the manifest on these
 
     def __init__(self, run: RunDir):
         self.folder = run.file(TEACHER_DIR)
 
     @property
     def manifest_path(self) -> Path:
-        return self.folder / MANIFEST_FILE
+        return self.folder / self.manifest_file
 
     def chunk_path(self, index: int) -> Path:
-        return self.folder / f"captions_{index:05d}.json"
+        return self.folder / self.chunk_name.format(index=index)
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> dict:
         return read_versioned_json(
-            self.manifest_path, MANIFEST_FORMAT, MANIFEST_VERSION, "teacher-captions manifest", DistillationError
+            self.manifest_path, self.manifest_format, self.manifest_version, f"{self.what} manifest", DistillationError
         )
 
     def begin(self, manifest: dict) -> None:
-        """Write the manifest, or check that the one there describes the same teacher, settings and images."""
+        """Write the manifest, or check that the one there describes the same teacher, settings and data."""
         if not self.exists():
-            write_json(self.manifest_path, {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **manifest})
+            write_json(
+                self.manifest_path, {"format": self.manifest_format, "version": self.manifest_version, **manifest}
+            )
             return
         old = self.read_manifest()
-        for key in ("teacher", "images", "image_ids_sha1"):
+        for key in self.same_keys:
             if old.get(key) != manifest[key]:
                 raise DistillationError(
-                    f"{self.manifest_path}: these teacher captions were made with {key} {old.get(key)}, not "
+                    f"{self.manifest_path}: these {self.what} were made with {key} {old.get(key)}, not "
                     f"{manifest[key]}; choose another output directory or delete {self.folder}"
                 )
 
@@ -108,14 +138,21 @@ class TeacherCaptions:
         """Return the seconds that every pass spent on the chunks written so far."""
         return float(self.read_manifest().get("seconds", 0.0))
 
-    def write_chunk(self, index: int, captions: Captions, seconds: float) -> None:
-        """Write a chunk's captions, then add the `seconds` they took to the manifest's total (so a killed
-        pass keeps the time of the chunks it finished)."""
-        results = [{"image_id": image, "caption": text} for image, texts in captions.items() for text in texts]
-        atomic_write_bytes(self.chunk_path(index), (json.dumps(results, indent=0) + "\n").encode())
+    def write_bytes(self, index: int, data: bytes, seconds: float) -> None:
+        """Write a chunk, then add the `seconds` it took to the manifest's total (so a killed pass keeps
+        the time of the chunks it finished)."""
+        atomic_write_bytes(self.chunk_path(index), data)
         manifest = self.read_manifest()
         manifest["seconds"] = round(float(manifest.get("seconds", 0.0)) + seconds, 2)
         write_json(self.manifest_path, manifest)
+
+
+class TeacherCaptions(TeacherFiles):
+    """The teacher's captions in a run directory, one file per chunk of images."""
+
+    def write_chunk(self, index: int, captions: Captions, seconds: float) -> None:
+        results = [{"image_id": image, "caption": text} for image, texts in captions.items() for text in texts]
+        self.write_bytes(index, (json.dumps(results, indent=0) + "\n").encode(), seconds)
 
     def read_chunk(self, index: int) -> Captions:
         path = self.chunk_path(index)
@@ -249,8 +286,8 @@ class DistillationResult:
 
 
 def check_distillation_start(run: RunDir, resume: bool) -> None:
-    """Refuse a fresh start over a run that has begun (teacher captions or training), and a resume of none."""
-    begun = TeacherCaptions(run).exists() or run.file(STATE_FILE).is_file()
+    """Refuse a fresh start over a run that has begun (a teacher pass or training), and a resume of none."""
+    begun = TeacherCaptions(run).exists() or TeacherSoftTargets(run).exists() or run.file(STATE_FILE).is_file()
     if resume and not begun:
         raise RunDirError(f"{run.path}: nothing to resume (no teacher captions, no training); start without --resume")
     if not resume and begun:
@@ -318,3 +355,267 @@ def distil_caption_model(
     )
     training = train_student(features, dataset, run_dir, captions, teacher_options, options, model_options, verbose)
     return DistillationResult(captions, training)
+
+
+# --- word level ------------------------------------------------------------------------------------
+SOFT_MANIFEST_FORMAT, SOFT_MANIFEST_VERSION = "teacher-soft-targets", 1
+CHUNK_CAPTIONS = 5000  # captions per chunk file of soft targets
+TEACHER_BATCH = 250  # captions a teacher forward pass reads at once
+
+
+@dataclass(frozen=True)
+class SoftTargetOptions:
+    """Word-level distillation: the teacher's runs (their mean distribution), its top k words kept at each
+    position, and the teacher's share of the student's target."""
+
+    runs: tuple[str, ...]
+    top_k: int = 20
+    weight: float = 0.5
+    chunk_captions: int = CHUNK_CAPTIONS
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise DistillationError("a teacher needs at least one run directory")
+        if self.top_k < 1:
+            raise DistillationError(f"the teacher's top k must be positive, got {self.top_k}")
+        if not 0.0 < self.weight <= 1.0:
+            raise DistillationError(f"the teacher's weight must be in (0, 1], got {self.weight}")
+        if self.chunk_captions < 1:
+            raise DistillationError(f"chunk_captions must be positive, got {self.chunk_captions}")
+
+    def to_dict(self) -> dict:
+        return {
+            "level": "word",
+            "runs": [str(run) for run in self.runs],
+            "top_k": self.top_k,
+            "weight": self.weight,
+            "chunk_captions": self.chunk_captions,
+        }
+
+
+class TeacherSoftTargets(TeacherFiles):
+    """The teacher's top-k next words of the train captions in a run directory, one .npz per chunk."""
+
+    manifest_file = "soft_targets.json"
+    manifest_format, manifest_version = SOFT_MANIFEST_FORMAT, SOFT_MANIFEST_VERSION
+    chunk_name = "soft_targets_{index:05d}.npz"
+    what = "soft targets"
+    same_keys = ("teacher", "captions", "captions_sha1")
+
+    def write_chunk(
+        self, index: int, word_ids: np.ndarray, probabilities: np.ndarray, positions: np.ndarray, seconds: float
+    ) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, word_ids=word_ids, probabilities=probabilities.astype(np.float16), positions=positions)
+        self.write_bytes(index, buffer.getvalue(), seconds)
+
+    def read_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        path = self.chunk_path(index)
+        try:
+            with np.load(path) as arrays:
+                return arrays["word_ids"], arrays["probabilities"].astype(np.float32), arrays["positions"]
+        except (OSError, ValueError, KeyError) as error:
+            raise DistillationError(f"{path}: unreadable soft targets ({error}); delete it to redo it") from None
+
+
+@dataclass
+class TeacherMember:
+    """One run of a word-level teacher, and how the student's vocabulary maps onto its own."""
+
+    run: CaptionRun
+    to_teacher: np.ndarray | None  # the teacher's id of each student word (<unk> if it has none); None: same ids
+    known: np.ndarray | None  # whether the teacher knows each student word
+
+    @classmethod
+    def of(cls, run: CaptionRun, vocabulary: Vocabulary) -> TeacherMember:
+        if run.vocabulary.words == vocabulary.words:
+            return cls(run, None, None)
+        index = run.vocabulary.index
+        to_teacher = np.array([index.get(word, Vocabulary.unk_id) for word in vocabulary.words])
+        return cls(run, to_teacher, np.array([word in index for word in vocabulary.words]))
+
+    @property
+    def feature_input(self) -> str:
+        return "regions" if self.run.model_config.reads_regions else "image"
+
+    def probabilities(self, words: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the run's next-word distributions (batch, width, student vocabulary) after the student's
+        token ids `words`, reading its input ("image" or "regions") from `features`. The teacher's mass
+        on words the student does not have goes to the student's <unk>."""
+        if self.to_teacher is not None:
+            words = self.to_teacher[words].astype(np.int32)
+        output = np.asarray(
+            self.run.model.predict_on_batch({"words": words, self.feature_input: features[self.feature_input]})
+        )
+        if self.to_teacher is None:
+            return output
+        student = output[..., self.to_teacher] * self.known
+        student[..., Vocabulary.unk_id] += np.maximum(0.0, 1.0 - student.sum(axis=-1))
+        return student
+
+
+def load_teacher_members(runs: tuple[str, ...], vocabulary: Vocabulary, store) -> list[TeacherMember]:
+    """Return the teacher's runs (ensemble directories opened), each checked against the store's encoder
+    and mapped to the student's vocabulary."""
+    members = []
+    weights = store.metadata.get("weights")
+    for path in runs:
+        try:
+            loaded = load_runs(path)
+        except RunDirError as error:
+            raise DistillationError(f"teacher: {error}") from None
+        for run in loaded:
+            if run.config["encoder"] != store.encoder or run.config.get("weights") != weights:
+                raise DistillationError(
+                    f"teacher {run.path} reads {run.config['encoder']} ({run.config.get('weights')}) features, but "
+                    f"{store.path} holds {store.encoder} ({weights}); distil from a teacher trained on this store"
+                )
+            if run.model_config.reads_regions:
+                store.require_spatial()
+            members.append(TeacherMember.of(run, vocabulary))
+    return members
+
+
+def soft_targets_of(
+    members: list[TeacherMember],
+    store,
+    image_ids: list[str],
+    rows: np.ndarray,
+    sequences: list[list[int]],
+    max_caption_length: int,
+    top_k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the teacher's top-k (word ids, probabilities) at every position of `sequences` (rows: one per
+    position, captions in order) and each caption's number of positions; read shortest captions first in
+    batches, so little is padding."""
+    positions = np.array([len(s) - 1 for s in sequences], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(positions)])
+    word_ids = np.zeros((offsets[-1], top_k), np.int32)
+    probabilities = np.zeros((offsets[-1], top_k), np.float32)
+    order = np.argsort(positions, kind="stable")
+    for start in range(0, len(order), TEACHER_BATCH):
+        batch = order[start : start + TEACHER_BATCH]
+        words = pad_batch([sequences[c] for c in batch], max_caption_length)[:, :-1]
+        ids = [image_ids[rows[c]] for c in batch]
+        read = {"image": store.matrix, "regions": store.maps}
+        features = {name: read[name](ids) for name in {member.feature_input for member in members}}
+        mean = sum(member.probabilities(words, features) for member in members) / len(members)
+        top_ids, top_probabilities = top_k_rows(mean, top_k)
+        for row, caption in enumerate(batch):
+            count = positions[caption]
+            word_ids[offsets[caption] : offsets[caption] + count] = top_ids[row, :count]
+            probabilities[offsets[caption] : offsets[caption] + count] = top_probabilities[row, :count]
+    return word_ids, probabilities, positions
+
+
+def teacher_soft_targets(
+    features: str | Path,
+    dataset: CaptionDataset,
+    run_dir: str | Path,
+    soft_options: SoftTargetOptions,
+    options: TrainingOptions,
+    decoder: str,
+    resume: bool = False,
+    progress: bool = True,
+) -> SoftTargets:
+    """Stage 1 of word-level distillation: the teacher's top-k next words at every position of every
+    human train caption (the captions and vocabulary the student will train on), computed in chunks
+    into the run directory; `resume` goes on from the chunks written."""
+    run = RunDir(run_dir)
+    check_distillation_start(run, resume)
+    store = open_feature_store(features)
+    try:
+        if not store.in_memory:
+            raise TrainingError(f"{features}: word-level distillation reads a pickle feature store, not shards")
+        if run.file(CONFIG_FILE).is_file():  # resumed training: the run's decoder, whatever --decoder says
+            decoder = run.read_config()["model"].get("decoder", decoder)
+        spatial = get_decoder(decoder).reads_regions
+        data = prepare_caption_data(store, dataset, options.min_count, limit_train=options.limit_train, spatial=spatial)
+        members = load_teacher_members(soft_options.runs, data.vocabulary, store)
+        captions = StudentCaptions(data.train.image_ids, data.max_caption_length, *encode_captions(
+            data.train.image_ids, data.train.captions, data.vocabulary, data.max_caption_length
+        ))  # fmt: skip
+        files = TeacherSoftTargets(run)
+        files.begin({"teacher": soft_options.to_dict(), "captions": len(captions.sequences), "captions_sha1":
+                     captions.digest})  # fmt: skip
+        write_missing_soft_targets(members, store, files, captions, soft_options, progress)
+    finally:
+        store.close()
+    return read_soft_targets(files, captions, soft_options)
+
+
+@dataclass
+class StudentCaptions:
+    """The student's train captions, in the order its batches index them."""
+
+    image_ids: list[str]
+    max_caption_length: int
+    rows: np.ndarray  # each caption's image (an index into image_ids)
+    sequences: list[list[int]]  # each caption's token ids
+
+    @property
+    def digest(self) -> str:
+        return caption_digest(self.sequences)
+
+
+def write_missing_soft_targets(
+    members: list[TeacherMember],
+    store,
+    files: TeacherSoftTargets,
+    captions: StudentCaptions,
+    soft_options: SoftTargetOptions,
+    progress: bool,
+) -> None:
+    """Compute and write each chunk of soft targets not yet in the run directory."""
+    size, total = soft_options.chunk_captions, len(captions.sequences)
+    started = time.perf_counter()
+    with tqdm(total=total, unit="caption", desc="teacher soft targets", disable=not progress) as bar:
+        for index, start in enumerate(range(0, total, size)):
+            if not files.chunk_path(index).is_file():
+                arrays = soft_targets_of(
+                    members,
+                    store,
+                    captions.image_ids,
+                    captions.rows[start : start + size],
+                    captions.sequences[start : start + size],
+                    captions.max_caption_length,
+                    soft_options.top_k,
+                )
+                files.write_chunk(index, *arrays, time.perf_counter() - started)
+                started = time.perf_counter()
+            bar.update(min(size, total - start))
+
+
+def read_soft_targets(
+    files: TeacherSoftTargets, captions: StudentCaptions, soft_options: SoftTargetOptions
+) -> SoftTargets:
+    """Return the soft targets of every chunk written, with what made them (for config.json)."""
+    chunks = range(-(-len(captions.sequences) // soft_options.chunk_captions))
+    parts = [files.read_chunk(index) for index in chunks]
+    facts = {
+        **soft_options.to_dict(),
+        "teacher_captions": len(captions.sequences),
+        "teacher_seconds": files.seconds(),
+        "soft_targets_folder": TEACHER_DIR,
+    }
+    word_ids, probabilities, positions = (np.concatenate([part[n] for part in parts]) for n in range(3))
+    return SoftTargets(word_ids, probabilities, positions, captions.digest, soft_options.weight, facts)
+
+
+def train_soft_student(
+    features: str | Path,
+    dataset: CaptionDataset,
+    run_dir: str | Path,
+    soft_targets: SoftTargets,
+    options: TrainingOptions,
+    model_options: dict | None = None,
+    verbose: int | None = None,
+) -> TrainingResult:
+    """Stage 2 of word-level distillation: teacher forcing on the human train captions, each position's
+    target mixed with the teacher's distribution (dev: the human words alone, so its loss compares with
+    any run's); resumed when the run has a finished epoch. config.json records the teacher under
+    "distillation"."""
+    resume = RunDir(run_dir).file(STATE_FILE).is_file()
+    return train_caption_model(
+        features, dataset, run_dir, options, model_options, resume, verbose, soft_targets=soft_targets
+    )

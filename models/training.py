@@ -43,6 +43,7 @@ from pipeline.batches import CaptionSequence, encode_captions
 from pipeline.caption_arrays import (
     CaptionData,
     CaptionSelection,
+    EncodedCaptionData,
     EncodedCaptions,
     caption_data,
     encode_caption_data_apart,
@@ -50,6 +51,7 @@ from pipeline.caption_arrays import (
 from pipeline.captions import SplitCaptions
 from pipeline.datasets import CaptionDataset, as_dataset
 from pipeline.embeddings import EmbeddingCoverage, WordVectors, embedding_matrix, read_word_vectors
+from pipeline.soft_targets import SoftTargetError, SoftTargets
 from pipeline.streaming import CaptionStream
 from pipeline.vocabulary import Vocabulary
 
@@ -115,12 +117,15 @@ def caption_batches(
     seed: int,
     spatial: bool,
     encoded: EncodedCaptions | None = None,
+    distributions: bool = False,
+    soft_targets: SoftTargets | None = None,
 ) -> CaptionSequence | CaptionStream:
     """Return one split's batches: indexed in memory from a pickle store, streamed from a sharded one
-    (its captions `encoded` already, or encoded here)."""
+    (its captions `encoded` already, or encoded here). With `distributions` (word-level distillation),
+    the next words come as distributions: the teacher's `soft_targets` mixed in, or one-hot."""
     if store.in_memory:
         regions = store.spatial_maps() if spatial else None
-        return caption_sequence(store, split, data, batch_size, shuffle, seed, regions)
+        return caption_sequence(store, split, data, batch_size, shuffle, seed, regions, distributions, soft_targets)
     if encoded is None:
         encoded = EncodedCaptions.encode(split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
     return CaptionStream(store, encoded, data.max_caption_length, batch_size, shuffle, seed, spatial)
@@ -134,9 +139,12 @@ def caption_sequence(
     shuffle: bool,
     seed: int = 0,
     regions: SpatialMaps | None = None,
+    distributions: bool = False,
+    soft_targets: SoftTargets | None = None,
 ) -> CaptionSequence:
     """Return the batch generator for one split: pooled vectors as "image", or, given `regions`, the
-    spatial maps read batch by batch from the HDF5 file as "regions"."""
+    spatial maps read batch by batch from the HDF5 file as "regions"; next words as ids, or as
+    `distributions` (one-hot, or mixed with the teacher's `soft_targets`)."""
     rows, sequences = encode_captions(split.image_ids, split.captions, data.vocabulary, data.max_caption_length)
     ids = split.image_ids
     return CaptionSequence(
@@ -150,6 +158,8 @@ def caption_sequence(
         extra_inputs=None
         if regions is None
         else {"regions": lambda image_rows: regions.get([ids[r] for r in image_rows])},
+        vocab_size=len(data.vocabulary) if distributions else None,
+        soft_targets=soft_targets,
     )
 
 
@@ -178,11 +188,13 @@ def initialise_embeddings(model: keras.Model, vocabulary: Vocabulary, vectors: W
     return coverage
 
 
-def compile_caption_model(model: keras.Model, learning_rate: float) -> None:
+def compile_caption_model(model: keras.Model, learning_rate: float, distributions: bool = False) -> None:
+    """Compile for next-word ids, or for next-word `distributions` (word-level distillation's targets)."""
+    # Mean over real words only: padding has weight 0 and must not dilute the loss.
+    loss = keras.losses.CategoricalCrossentropy if distributions else keras.losses.SparseCategoricalCrossentropy
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        # Mean over real words only: padding has weight 0 and must not dilute the loss.
-        loss=keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight"),
+        loss=loss(reduction="mean_with_sample_weight"),
         weighted_metrics=["accuracy"],
     )
 
@@ -292,6 +304,7 @@ class TrainingInputs:
     train: CaptionSequence | CaptionStream
     dev: CaptionSequence | CaptionStream | None
     replicas: Replicas
+    soft_targets: SoftTargets | None = None  # word-level distillation: targets are distributions
 
     def datasets(self):
         """Return (train, dev, steps per epoch, dev steps) for `model.fit`.
@@ -343,9 +356,11 @@ def train_caption_model(
     resume: bool = False,
     verbose: int | None = None,
     worker_dir: str | Path | None = None,
+    soft_targets: SoftTargets | None = None,
 ) -> TrainingResult:
     """Train (or resume) a caption model and write its run directory (under a distributed strategy,
-    the chief writes it; another worker writes to `worker_dir`, by default a scratch folder)."""
+    the chief writes it; another worker writes to `worker_dir`, by default a scratch folder). Given a
+    teacher's `soft_targets` for the train captions, the train targets mix them with the human words."""
     dataset = as_dataset(dataset)
     replicas = distribution(options.distribute, options.cpu_devices)
     source = RunDir(run_dir)
@@ -356,7 +371,7 @@ def train_caption_model(
     keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
     decoder = model_options.get("decoder", "merge")
-    inputs = load_training_inputs(source, features, dataset, options, decoder, continuing, replicas)
+    inputs = load_training_inputs(source, features, dataset, options, decoder, continuing, replicas, soft_targets)
     runs = WorkerRuns.open(run_dir, replicas.is_chief, worker_dir)
     try:
         verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose  # a bar on a terminal
@@ -379,6 +394,7 @@ def load_training_inputs(
     decoder: str,
     resume: bool,
     replicas: Replicas,
+    soft_targets: SoftTargets | None = None,
 ) -> TrainingInputs:
     """Phase 1: open the feature store (either kind), select the captions, build the batches (a
     sharded store's of one replica, an in-memory store's of all replicas together)."""
@@ -388,11 +404,7 @@ def load_training_inputs(
         raise TrainingError(str(error)) from None
     store = open_feature_store(features)
     try:
-        if store.in_memory and replicas.kind == "multi-worker":
-            raise TrainingError(
-                f"{features}: --distribute multi-worker reads a sharded store, each worker its own shards; "
-                f"convert it: python extract_features.py --convert {features} --out FOLDER"
-            )
+        check_store_kind(store, features, replicas, soft_targets is not None)
         batch = options.batch_size if not store.in_memory else replicas.global_batch(options.batch_size)
         vocabulary = Vocabulary.load(run.file(VOCABULARY_FILE)) if resume else None
         selection = CaptionSelection(options.min_count, vocabulary, options.limit_train)
@@ -403,18 +415,50 @@ def load_training_inputs(
             encoded = encode_caption_data_apart(dataset, available, selection)
             data = encoded.data
         with_train_images(data, dataset)
-        train = caption_batches(store, data.train, data, batch, True, options.seed, spatial, encoded and encoded.train)
-        dev = (
-            caption_batches(store, data.dev, data, batch, False, 0, spatial, encoded and encoded.dev)
-            if data.dev.image_ids
-            else None
-        )
+        train, dev = split_batches(store, data, encoded, batch, options.seed, spatial, soft_targets)
         if not store.in_memory:
             check_every_worker_has_data(store, data.train.image_ids, replicas.workers)
     except BaseException:
         store.close()
         raise
-    return TrainingInputs(store, spatial, data, train, dev, replicas)
+    return TrainingInputs(store, spatial, data, train, dev, replicas, soft_targets)
+
+
+def check_store_kind(store, features: str | Path, replicas: Replicas, distilling_words: bool) -> None:
+    """Refuse a pickle store where a sharded one is needed (multi-worker) and a sharded one where a
+    pickle store is (word-level distillation's soft targets are indexed in memory)."""
+    if store.in_memory and replicas.kind == "multi-worker":
+        raise TrainingError(
+            f"{features}: --distribute multi-worker reads a sharded store, each worker its own shards; "
+            f"convert it: python extract_features.py --convert {features} --out FOLDER"
+        )
+    if distilling_words and not store.in_memory:
+        raise TrainingError(f"{features}: word-level distillation reads a pickle feature store, not shards")
+
+
+def split_batches(
+    store,
+    data: CaptionData,
+    encoded: EncodedCaptionData | None,
+    batch: int,
+    seed: int,
+    spatial: bool,
+    soft_targets: SoftTargets | None,
+) -> tuple[CaptionSequence | CaptionStream, CaptionSequence | CaptionStream | None]:
+    """Return the train batches (shuffled) and the dev batches (None without dev images). Beside a
+    teacher's soft targets, dev's next words are one-hot distributions, for the same loss."""
+    distributions = soft_targets is not None
+    try:
+        train = caption_batches(
+            store, data.train, data, batch, True, seed, spatial, encoded and encoded.train, distributions, soft_targets
+        )
+    except SoftTargetError as error:
+        raise TrainingError(str(error)) from None
+    if not data.dev.image_ids:
+        return train, None
+    return train, caption_batches(
+        store, data.dev, data, batch, False, 0, spatial, encoded and encoded.dev, distributions
+    )
 
 
 def check_every_worker_has_data(store, image_ids: list[str], workers: int) -> None:
@@ -460,7 +504,7 @@ def start_model(
             model, config, coverage = new_model(inputs, options, model_options, verbose)
             return ModelStart(model, [], 0, config, coverage)
         model = build_caption_model(model_config(runs.source.read_config(), runs.source.path))
-        compile_caption_model(model, options.learning_rate)
+        compile_caption_model(model, options.learning_rate, inputs.soft_targets is not None)
         if verbose:
             print(f"{runs.source.path}: continuing from the backup at epoch {initial_epoch}")
     rows = [r for r in runs.source.read_history() if int(r["epoch"]) < initial_epoch]
@@ -496,7 +540,7 @@ def new_model(
             f"word vectors: {coverage.found} of {coverage.words} vocabulary words ({coverage.fraction:.1%}) "
             f"found in {options.embeddings}" + (", frozen" if config.freeze_embeddings else "")
         )
-    compile_caption_model(model, options.learning_rate)
+    compile_caption_model(model, options.learning_rate, inputs.soft_targets is not None)
     return model, config, coverage
 
 
@@ -524,6 +568,8 @@ def write_training_config(
         "skipped_images": {"train": len(data.train.skipped), "dev": len(data.dev.skipped)},
         "distribution": inputs.replicas.to_config(options.batch_size),
     }
+    if inputs.soft_targets is not None:
+        run_config["distillation"] = inputs.soft_targets.facts
     if coverage is not None:
         run_config["embeddings"] = {
             "file": str(options.embeddings),

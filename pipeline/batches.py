@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from pipeline.caption_arrays import encoded_captions
+from pipeline.soft_targets import SoftTargets, one_hot_targets
 
 LENGTH_BUCKET = 8  # pad each batch to a multiple of this, so only a few shapes get compiled
 
@@ -44,6 +45,8 @@ class CaptionSequence(keras.utils.PyDataset):
     `inputs` is each caption without its last token, `next words` the caption shifted by one; the
     weights are 1 on real words and 0 on padding. Reshuffles caption order every epoch. With
     `features=None` there is no "image" input: a decoder that reads only `extra_inputs` (spatial maps).
+    Given `vocab_size`, the next words come as (batch, width, vocabulary) distributions instead of ids:
+    one-hot, or mixed with the teacher's `soft_targets` (word-level distillation, pipeline/soft_targets.py).
     """
 
     def __init__(
@@ -56,8 +59,16 @@ class CaptionSequence(keras.utils.PyDataset):
         shuffle: bool = True,
         seed: int = 0,
         extra_inputs: dict[str, object] | None = None,
+        vocab_size: int | None = None,
+        soft_targets: SoftTargets | None = None,
     ):
         super().__init__()
+        if soft_targets is not None:
+            if vocab_size is None:
+                raise ValueError("soft targets are distributions over the vocabulary: give vocab_size")
+            soft_targets.check_captions(sequences)
+        self.vocab_size = vocab_size
+        self.soft_targets = soft_targets
         self.features = features
         self.image_rows = image_rows
         self.sequences = sequences
@@ -89,6 +100,10 @@ class CaptionSequence(keras.utils.PyDataset):
             inputs[name] = lookup(rows)
         targets = tokens[:, 1:]
         weights = (targets != 0).astype(np.float32)
+        if self.soft_targets is not None:
+            return inputs, self.soft_targets.dense(targets, chosen, self.vocab_size), weights
+        if self.vocab_size is not None:
+            return inputs, one_hot_targets(targets, self.vocab_size), weights
         return inputs, targets, weights
 
     def on_epoch_end(self) -> None:

@@ -5,22 +5,28 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from features.store import open_feature_store
 from models.captioner import Captioner
 from models.distillation import (
     DistillationError,
+    SoftTargetOptions,
     TeacherCaptions,
     TeacherOptions,
+    TeacherSoftTargets,
     caption_train_images,
     distil_caption_model,
+    teacher_soft_targets,
 )
-from models.rundir import RunDir
+from models.rundir import RunDir, RunDirError
 from models.search import DecodingOptions
 from models.training import TrainingOptions, prepare_caption_data
+from pipeline.batches import encode_captions
 from pipeline.captions import CaptionFileError, clean_caption
 from pipeline.datasets import WithExtraCaptions, open_dataset
+from pipeline.soft_targets import top_k_rows
 
 TRAIN_IDS = [f"{colour}_{k}.jpg" for colour in ("red", "green", "blue") for k in range(3)]  # conftest's split
 DECODING = DecodingOptions(beam=3)
@@ -181,8 +187,6 @@ def test_training_options_carry_over_to_the_student(tiny_run, tiny_flickr, tiny_
 def test_resume_after_a_killed_teacher_pass_finishes_it_then_trains(
     tiny_run, tiny_flickr, tiny_store, tmp_path, monkeypatch
 ):
-    from models.rundir import RunDirError
-
     options = TrainingOptions(epochs=1, batch_size=8, learning_rate=1e-2, min_count=1)
     args = (tiny_store, tiny_flickr, tmp_path / "s", _teacher_options(tiny_run), options, {"units": 8})
     write_chunk = TeacherCaptions.write_chunk
@@ -235,3 +239,133 @@ def test_an_attention_ensemble_teaches_an_attention_student_from_spatial_maps(
     }  # two copies of one run decode as the run alone
     assert result.training.train_captions == 9 * (3 + 1)
     assert RunDir(tmp_path / "s").read_config()["model"]["decoder"] == "attention"
+
+
+# --- word level ------------------------------------------------------------------------------------
+def _soft_options(tiny_run, **changes) -> SoftTargetOptions:
+    return SoftTargetOptions((str(tiny_run),), **{"top_k": 3, "chunk_captions": 10, **changes})  # 27 captions
+
+
+def test_the_soft_targets_are_the_teachers_top_words_at_every_position(tiny_run, tiny_flickr, tiny_store, tmp_path):
+    dataset, options = open_dataset(tiny_flickr), TrainingOptions(min_count=1)
+    soft = teacher_soft_targets(tiny_store, dataset, tmp_path / "s", _soft_options(tiny_run), options, "merge")
+    data = prepare_caption_data(open_feature_store(tiny_store), dataset, min_count=1)
+    rows, sequences = encode_captions(data.train.image_ids, data.train.captions, data.vocabulary, 99)
+    assert len(soft.positions) == 27 and soft.positions.tolist() == [len(s) - 1 for s in sequences]
+    teacher = Captioner.load(tiny_run).run.model
+    features = open_feature_store(tiny_store).matrix(data.train.image_ids)
+    for caption in (0, 13, 26):  # one of each chunk
+        sequence = np.array([sequences[caption][:-1]], np.int32)
+        expected = teacher.predict_on_batch({"image": features[rows[caption]][None], "words": sequence})[0]
+        ids, probabilities = top_k_rows(expected, 3)
+        start = soft.offsets[caption]
+        np.testing.assert_array_equal(soft.word_ids[start : start + len(ids)], ids)
+        np.testing.assert_allclose(soft.probabilities[start : start + len(ids)], probabilities, atol=1e-3)  # float16
+    assert sorted(p.name for p in TeacherSoftTargets(RunDir(tmp_path / "s")).folder.iterdir()) == [
+        "soft_targets.json",
+        "soft_targets_00000.npz",
+        "soft_targets_00001.npz",
+        "soft_targets_00002.npz",
+    ]
+
+
+def test_a_killed_soft_target_pass_resumes_without_redoing_finished_chunks(
+    tiny_run, tiny_flickr, tiny_store, tmp_path, monkeypatch
+):
+    dataset, options = open_dataset(tiny_flickr), TrainingOptions(min_count=1)
+    args = (tiny_store, dataset, tmp_path / "s", _soft_options(tiny_run), options, "merge")
+    write_chunk = TeacherSoftTargets.write_chunk
+
+    def killed_after_the_first_chunk(self, index, *arrays):
+        write_chunk(self, index, *arrays)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TeacherSoftTargets, "write_chunk", killed_after_the_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_soft_targets(*args, progress=False)
+    monkeypatch.undo()
+    files = TeacherSoftTargets(RunDir(tmp_path / "s"))
+    written = files.chunk_path(0).stat().st_mtime_ns
+    assert not files.chunk_path(1).exists()
+    with pytest.raises(RunDirError, match="pass --resume"):
+        teacher_soft_targets(*args, progress=False)
+    soft = teacher_soft_targets(*args, resume=True, progress=False)
+    assert files.chunk_path(0).stat().st_mtime_ns == written and files.chunk_path(2).is_file()
+    whole = teacher_soft_targets(tiny_store, dataset, tmp_path / "w", *args[3:], progress=False)
+    np.testing.assert_array_equal(soft.word_ids, whole.word_ids)
+    with pytest.raises(DistillationError, match="top_k"):  # other settings never mix in
+        teacher_soft_targets(*args[:3], _soft_options(tiny_run, top_k=4), *args[4:], resume=True, progress=False)
+
+
+def test_a_teacher_with_other_word_ids_reads_and_answers_in_the_students(tiny_run):
+    from models.distillation import TeacherMember
+    from models.rundir import CaptionRun
+    from pipeline.vocabulary import SPECIAL_TOKENS, Vocabulary
+
+    teacher_words = Vocabulary([*SPECIAL_TOKENS, "dog", "cat", "red"], 1)  # ids 4, 5, 6
+    student_words = Vocabulary([*SPECIAL_TOKENS, "red", "dog", "blue"], 1)  # "blue" unknown to the teacher
+    read = []
+
+    class Model:
+        def predict_on_batch(self, inputs):
+            read.append(inputs["words"].tolist())
+            return np.tile(np.array([0.05, 0.1, 0.05, 0.1, 0.2, 0.3, 0.2]), (1, 2, 1))
+
+    loaded = Captioner.load(tiny_run).run
+    member = TeacherMember.of(CaptionRun(loaded.path, Model(), teacher_words, loaded.config), student_words)
+    out = member.probabilities(np.array([[2, 4, 6]]), {"image": np.zeros((1, 4))})
+    assert read == [[[2, 6, 1]]]  # <start> red blue -> the teacher's ids
+    np.testing.assert_allclose(out[0, 0], [0.05, 0.1 + 0.3, 0.05, 0.1, 0.2, 0.2, 0.0])  # cat's 0.3 -> <unk>
+
+
+def test_the_word_level_student_trains_and_its_dev_loss_is_the_plain_loss(
+    tiny_run, tiny_flickr, tiny_store, tmp_path, capsys
+):
+    import keras
+
+    import train
+    from models.training import caption_sequence
+
+    out = tmp_path / "student"
+    args = ["--features", str(tiny_store), "--data", str(tiny_flickr), "--out", str(out), "--distill-from"]
+    args += [str(tiny_run), "--distill-level", "word", "--soft-top-k", "5", "--soft-weight", "0.7"]
+    args += ["--epochs", "1", "--batch-size", "8", "--min-count", "1", "--units", "16", "--embedding-dim", "8"]
+    assert train.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "teacher soft targets: top 5 words at" in printed and "27 train captions with soft targets" in printed
+    facts = json.loads((out / "config.json").read_text())["distillation"]
+    assert (facts["level"], facts["top_k"], facts["weight"], facts["teacher_captions"]) == ("word", 5, 0.7, 27)
+    run = RunDir(out)
+    # dev targets are one-hot, so the logged dev loss is the usual per-word loss of the saved model
+    store = open_feature_store(tiny_store)
+    data = prepare_caption_data(store, open_dataset(tiny_flickr), 1, run.load().vocabulary)
+    model = run.load().model
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight"))
+    dev = caption_sequence(store, data.dev, data, 64, shuffle=False)
+    inputs, targets, weights = dev[0]
+    assert len(dev) == 1
+    plain = model.evaluate(inputs, targets, sample_weight=weights, verbose=0)
+    assert float(run.read_history()[-1]["val_loss"]) == pytest.approx(plain, rel=1e-4)
+    student = Captioner.load(out)
+    assert student.caption_features(["red_3.jpg"], store.matrix(["red_3.jpg"]), DECODING)[0].beams
+
+
+def test_word_level_settings_are_one_error_line(tiny_run, tiny_flickr, tiny_store, tmp_path, capsys):
+    import train
+    from features.shards import convert_store
+
+    base = ["--features", str(tiny_store), "--data", str(tiny_flickr), "--out", str(tmp_path / "s")]
+    for extra, message in (
+        (["--distill-level", "word"], "--distill-level word needs --distill-from"),
+        (["--distill-from", str(tiny_run), "--distill-level", "word", "--soft-weight", "0"], "--soft-weight must be"),
+        (["--distill-from", str(tiny_run), "--distill-level", "word", "--soft-top-k", "0"], "--soft-top-k must be"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*base, *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    shards = convert_store(tiny_store, tmp_path / "shards", shard_size=4)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--features", str(shards.path), *base[2:], "--distill-from", str(tiny_run), "--distill-level",
+                    "word"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "reads a pickle feature store" in err
