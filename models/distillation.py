@@ -28,6 +28,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -532,12 +533,12 @@ def teacher_soft_targets(
         spatial = get_decoder(decoder).reads_regions
         data = prepare_caption_data(store, dataset, options.min_count, limit_train=options.limit_train, spatial=spatial)
         members = load_teacher_members(soft_options.runs, data.vocabulary, store)
-        captions = StudentCaptions(data.train.image_ids, data.max_caption_length, *encode_captions(
-            data.train.image_ids, data.train.captions, data.vocabulary, data.max_caption_length
-        ))  # fmt: skip
+        ids, longest = data.train.image_ids, data.max_caption_length
+        rows, sequences = encode_captions(ids, data.train.captions, data.vocabulary, longest)
+        captions = StudentCaptions(ids, longest, len(data.vocabulary), rows, sequences)
         files = TeacherSoftTargets(run)
-        files.begin({"teacher": soft_options.to_dict(), "captions": len(captions.sequences), "captions_sha1":
-                     captions.digest})  # fmt: skip
+        manifest = {"teacher": soft_options.to_dict(), "captions": len(sequences), "captions_sha1": captions.digest}
+        files.begin(manifest)
         write_missing_soft_targets(members, store, files, captions, soft_options, progress)
     finally:
         store.close()
@@ -550,10 +551,11 @@ class StudentCaptions:
 
     image_ids: list[str]
     max_caption_length: int
+    vocabulary_size: int
     rows: np.ndarray  # each caption's image (an index into image_ids)
     sequences: list[list[int]]  # each caption's token ids
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return caption_digest(self.sequences)
 
@@ -579,7 +581,7 @@ def write_missing_soft_targets(
                     captions.rows[start : start + size],
                     captions.sequences[start : start + size],
                     captions.max_caption_length,
-                    soft_options.top_k,
+                    min(soft_options.top_k, captions.vocabulary_size),  # a k past the vocabulary keeps it all
                 )
                 files.write_chunk(index, *arrays, time.perf_counter() - started)
                 started = time.perf_counter()

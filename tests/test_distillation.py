@@ -261,6 +261,10 @@ def test_the_soft_targets_are_the_teachers_top_words_at_every_position(tiny_run,
         start = soft.offsets[caption]
         np.testing.assert_array_equal(soft.word_ids[start : start + len(ids)], ids)
         np.testing.assert_allclose(soft.probabilities[start : start + len(ids)], probabilities, atol=1e-3)  # float16
+    whole = teacher_soft_targets(
+        tiny_store, dataset, tmp_path / "all", _soft_options(tiny_run, top_k=999), options, "merge"
+    )
+    assert whole.top_k == len(data.vocabulary) and np.allclose(whole.probabilities.sum(axis=1), 1, atol=1e-2)
     assert sorted(p.name for p in TeacherSoftTargets(RunDir(tmp_path / "s")).folder.iterdir()) == [
         "soft_targets.json",
         "soft_targets_00000.npz",
