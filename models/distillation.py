@@ -439,15 +439,21 @@ class TeacherMember:
     def feature_input(self) -> str:
         return "regions" if self.run.model_config.reads_regions else "image"
 
+    @cached_property
+    def forward(self):
+        """The model's forward pass, traced once for any batch size and caption width (predict_on_batch
+        traces again for every new shape, and TensorFlow warns about it)."""
+        import tensorflow as tf
+
+        return tf.function(lambda inputs: self.run.model(inputs, training=False), reduce_retracing=True)
+
     def probabilities(self, words: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
         """Return the run's next-word distributions (batch, width, student vocabulary) after the student's
         token ids `words`, reading its input ("image" or "regions") from `features`. The teacher's mass
         on words the student does not have goes to the student's <unk>."""
         if self.to_teacher is not None:
             words = self.to_teacher[words].astype(np.int32)
-        output = np.asarray(
-            self.run.model.predict_on_batch({"words": words, self.feature_input: features[self.feature_input]})
-        )
+        output = self.forward({"words": words, self.feature_input: features[self.feature_input]}).numpy()
         if self.to_teacher is None:
             return output
         student = output[..., self.to_teacher] * self.known
