@@ -286,14 +286,22 @@ class DistillationResult:
     training: TrainingResult
 
 
-def check_distillation_start(run: RunDir, resume: bool) -> None:
-    """Refuse a fresh start over a run that has begun (a teacher pass or training), and a resume of none."""
-    begun = TeacherCaptions(run).exists() or TeacherSoftTargets(run).exists() or run.file(STATE_FILE).is_file()
+def check_distillation_start(run: RunDir, resume: bool, level: str = "sequence") -> None:
+    """Refuse a fresh start over a run that has begun (a teacher pass or training), a resume of none, and
+    a resume at the other `level` ("sequence" or "word") than the run's."""
+    sequence, word = TeacherCaptions(run).exists(), TeacherSoftTargets(run).exists()
+    begun = sequence or word or run.file(STATE_FILE).is_file()
     if resume and not begun:
         raise RunDirError(f"{run.path}: nothing to resume (no teacher captions, no training); start without --resume")
     if not resume and begun:
         raise RunDirError(
             f"{run.path} already holds a distillation run; pass --resume to continue it or choose another --out"
+        )
+    other = word if level == "sequence" else sequence
+    if other:
+        run_level = "word" if level == "sequence" else "sequence"
+        raise RunDirError(
+            f"{run.path} holds a {run_level}-level distillation run; resume it with --distill-level {run_level}"
         )
 
 
@@ -529,7 +537,7 @@ def teacher_soft_targets(
     human train caption (the captions and vocabulary the student will train on), computed in chunks
     into the run directory; `resume` goes on from the chunks written."""
     run = RunDir(run_dir)
-    check_distillation_start(run, resume)
+    check_distillation_start(run, resume, "word")
     store = open_feature_store(features)
     try:
         if not store.in_memory:

@@ -202,6 +202,9 @@ def test_resume_after_a_killed_teacher_pass_finishes_it_then_trains(
     assert not (tmp_path / "s" / "config.json").exists()  # no training yet
     with pytest.raises(RunDirError, match="pass --resume"):
         distil_caption_model(*args, verbose=0)
+    with pytest.raises(RunDirError, match="holds a sequence-level distillation run"):
+        teacher_soft_targets(tiny_store, tiny_flickr, tmp_path / "s", SoftTargetOptions((str(tiny_run),)), options,
+                             "merge", resume=True)  # fmt: skip
     result = distil_caption_model(*args, resume=True, verbose=0)
     assert (result.teacher.chunks_reused, result.training.epochs_run) == (1, 1)
 
@@ -299,6 +302,8 @@ def test_a_killed_soft_target_pass_resumes_without_redoing_finished_chunks(
     np.testing.assert_array_equal(soft.word_ids, whole.word_ids)
     with pytest.raises(DistillationError, match="top_k"):  # other settings never mix in
         teacher_soft_targets(*args[:3], _soft_options(tiny_run, top_k=4), *args[4:], resume=True, progress=False)
+    with pytest.raises(RunDirError, match="holds a word-level distillation run"):  # nor the two levels
+        distil_caption_model(tiny_store, dataset, tmp_path / "s", _teacher_options(tiny_run), options, resume=True)
 
 
 def test_a_teacher_with_other_word_ids_reads_and_answers_in_the_students(tiny_run):
