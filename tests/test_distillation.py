@@ -1,4 +1,4 @@
-"""Sequence-level distillation (models/distillation.py, train.py --distill-from) on the tiny folder and run."""
+"""Sequence- and word-level distillation (models/distillation.py, train.py --distill-from) on the tiny data."""
 
 from __future__ import annotations
 
