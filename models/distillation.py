@@ -40,9 +40,9 @@ from models.decoders import get_decoder
 from models.rundir import CONFIG_FILE, STATE_FILE, CaptionRun, RunDir, RunDirError, load_runs, write_json
 from models.search import DecodingOptions
 from models.training import (
-    TrainingError,
     TrainingOptions,
     TrainingResult,
+    check_soft_target_store,
     prepare_caption_data,
     stored_ids,
     train_caption_model,
@@ -187,15 +187,20 @@ def load_teacher(options: TeacherOptions) -> Captioner:
         raise DistillationError(f"teacher: {error}") from None
 
 
+def check_teacher_encoder(teacher: str, encoder: str, weights: str | None, store) -> None:
+    """Refuse a teacher that reads another encoder's features (or its other weights) than the store holds."""
+    held = store.metadata.get("weights")
+    if store.encoder != encoder or held != weights:
+        raise DistillationError(
+            f"teacher {teacher} reads {encoder} ({weights}) features, but {store.path} holds {store.encoder} "
+            f"({held}); distil from a teacher trained on this store's encoder"
+        )
+
+
 def teacher_image_ids(teacher: Captioner, store, dataset: CaptionDataset, limit_train: int | None) -> list[str]:
     """Return the train images the teacher captions: those with captions and the features it reads,
     after checking that the store's encoder is the teacher's."""
-    weights = store.metadata.get("weights")
-    if store.encoder != teacher.spec.name or weights != teacher.encoder_weights:
-        raise DistillationError(
-            f"teacher {teacher.name} reads {teacher.spec.name} ({teacher.encoder_weights}) features, but "
-            f"{store.path} holds {store.encoder} ({weights}); distil from a teacher trained on this store's encoder"
-        )
+    check_teacher_encoder(teacher.name, teacher.spec.name, teacher.encoder_weights, store)
     train, _ = select_train_dev(dataset, stored_ids(store, spatial=teacher.reads_regions), limit_train)
     if not train.image_ids:
         raise DistillationError(f"no train-split image of {dataset.root} has features in {store.path}")
@@ -473,18 +478,13 @@ def load_teacher_members(runs: tuple[str, ...], vocabulary: Vocabulary, store) -
     """Return the teacher's runs (ensemble directories opened), each checked against the store's encoder
     and mapped to the student's vocabulary."""
     members = []
-    weights = store.metadata.get("weights")
     for path in runs:
         try:
             loaded = load_runs(path)
         except RunDirError as error:
             raise DistillationError(f"teacher: {error}") from None
         for run in loaded:
-            if run.config["encoder"] != store.encoder or run.config.get("weights") != weights:
-                raise DistillationError(
-                    f"teacher {run.path} reads {run.config['encoder']} ({run.config.get('weights')}) features, but "
-                    f"{store.path} holds {store.encoder} ({weights}); distil from a teacher trained on this store"
-                )
+            check_teacher_encoder(str(run.path), run.config["encoder"], run.config.get("weights"), store)
             if run.model_config.reads_regions:
                 store.require_spatial()
             members.append(TeacherMember.of(run, vocabulary))
@@ -540,8 +540,7 @@ def teacher_soft_targets(
     check_distillation_start(run, resume, "word")
     store = open_feature_store(features)
     try:
-        if not store.in_memory:
-            raise TrainingError(f"{features}: word-level distillation reads a pickle feature store, not shards")
+        check_soft_target_store(store, features)
         if run.file(CONFIG_FILE).is_file():  # resumed training: the run's decoder, whatever --decoder says
             decoder = run.read_config()["model"].get("decoder", decoder)
         spatial = get_decoder(decoder).reads_regions

@@ -432,7 +432,13 @@ def check_store_kind(store, features: str | Path, replicas: Replicas, distilling
             f"{features}: --distribute multi-worker reads a sharded store, each worker its own shards; "
             f"convert it: python extract_features.py --convert {features} --out FOLDER"
         )
-    if distilling_words and not store.in_memory:
+    if distilling_words:
+        check_soft_target_store(store, features)
+
+
+def check_soft_target_store(store, features: str | Path) -> None:
+    """Refuse a sharded store for word-level distillation: its soft targets are indexed in memory."""
+    if not store.in_memory:
         raise TrainingError(f"{features}: word-level distillation reads a pickle feature store, not shards")
 
 

@@ -103,24 +103,42 @@ class CaptionDataset(ABC):
         return f"{type(self).__name__}({str(self.root)!r})"
 
 
-class WithExtraCaptions(CaptionDataset):
-    """A dataset with more captions for images of one split (a teacher's, for distillation).
+class DerivedDataset(CaptionDataset):
+    """A dataset made from another (`base`): its root, options, splits, image paths and facts, unless a
+    subclass changes them. Not a format on disk: never registered, so `open_dataset` never returns one."""
 
-    Its splits, image paths and the other splits' captions are the wrapped dataset's; each image of
-    `split` named in `extra` gets those captions after its own. `run_facts` adds `facts` (what made the
-    extra captions) under `key`. Not a format on disk: `open_dataset` never returns one.
-    """
-
-    def __init__(
-        self, base: CaptionDataset, extra: Captions, split: str = "train", facts: dict | None = None, key: str = "extra"
-    ) -> None:
+    def __init__(self, base: CaptionDataset) -> None:
         super().__init__(base.root, base.options)
-        self.base, self.extra, self.split, self.facts, self.key = base, extra, split, facts or {}, key
+        self.base = base
         self.splits = base.splits
 
     @classmethod
     def detect(cls, path: Path) -> bool:
         return False
+
+    def run_facts(self) -> dict:
+        return self.base.run_facts()
+
+    def _read_split(self, split: str) -> list[str]:
+        return self.base.split_ids(split)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.base.image_path(image_id)
+
+
+class WithExtraCaptions(DerivedDataset):
+    """A dataset with more captions for images of one split (a teacher's, for distillation).
+
+    Its splits, image paths and the other splits' captions are the wrapped dataset's; each image of
+    `split` named in `extra` gets those captions after its own. `run_facts` adds `facts` (what made the
+    extra captions) under `key`.
+    """
+
+    def __init__(
+        self, base: CaptionDataset, extra: Captions, split: str = "train", facts: dict | None = None, key: str = "extra"
+    ) -> None:
+        super().__init__(base)
+        self.extra, self.split, self.facts, self.key = extra, split, facts or {}, key
 
     def run_facts(self) -> dict:
         return {**self.base.run_facts(), self.key: self.facts}
@@ -138,30 +156,15 @@ class WithExtraCaptions(CaptionDataset):
             captions[image_id] = [*captions.get(image_id, []), *more]
         return captions
 
-    def _read_split(self, split: str) -> list[str]:
-        return self.base.split_ids(split)
 
-    def image_path(self, image_id: str) -> Path:
-        return self.base.image_path(image_id)
-
-
-class WithMirroredTrain(CaptionDataset):
+class WithMirroredTrain(DerivedDataset):
     """A dataset whose train split also holds each train image's mirror image, `ID#flip`, right after it.
 
     A mirror's captions are its image's with `left` and `right` swapped (`mirror_caption`); its path is
     its image's, and extraction flips the pixels the id names (`features.augment.augment_pixels`), so a
-    feature store keeps both under their own ids. Not a format on disk: `detect_dataset` wraps a dataset
-    in it when `DatasetOptions.mirror_train` is set (the scripts' `--mirror`).
+    feature store keeps both under their own ids. `detect_dataset` wraps a dataset in it when
+    `DatasetOptions.mirror_train` is set (the scripts' `--mirror`).
     """
-
-    def __init__(self, base: CaptionDataset) -> None:
-        super().__init__(base.root, base.options)
-        self.base = base
-        self.splits = base.splits
-
-    @classmethod
-    def detect(cls, path: Path) -> bool:
-        return False
 
     def run_facts(self) -> dict:
         return {**self.base.run_facts(), "mirror_train": True}
