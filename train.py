@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--features",
         type=Path,
-        default=DEFAULT_FEATURES,
-        help="feature store from extract_features.py: a pickle file, or a folder of shards (streamed)",
+        help="feature store from extract_features.py: a pickle file, or a folder of shards (streamed) (default: "
+        f"{DEFAULT_FEATURES}; with --self-critical, the store its run was trained on, if it is still there)",
     )
     parser.add_argument(
         "--data",
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.self_critical is not None:
         return self_critical(args, errors)
+    args.features = args.features or DEFAULT_FEATURES
     if args.distill_from:
         return distil(args, errors, options, model_options)
     with clean_errors(*errors):
@@ -286,13 +287,23 @@ def self_critical(args: argparse.Namespace, errors: tuple) -> int:
     )
     with clean_errors(*errors):
         dataset = open_dataset(args.data, dataset_options(args))
-        result = self_critical_train(args.self_critical, args.features, dataset, args.out, options, args.resume)
+        features = args.features or trained_features(args.self_critical)
+        result = self_critical_train(args.self_critical, features, dataset, args.out, options, args.resume)
     print(
         f"{result.run_dir}: {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device}; dev "
         f"{result.criterion} {result.start_dev_score:.4f} at the start, best {result.best_dev_score:.4f} "
         f"(epoch {result.best_epoch})"
     )
     return 0
+
+
+def trained_features(run_dir: Path) -> Path:
+    """Return the feature store `run_dir` was trained on if it is still where its config says, else the default
+    store (whose encoder the self-critical stage then checks against the run's)."""
+    from models.rundir import read_run_config
+
+    recorded = read_run_config(run_dir).get("features")
+    return Path(recorded) if recorded and Path(recorded).exists() else DEFAULT_FEATURES
 
 
 def distil(args: argparse.Namespace, errors: tuple, options, model_options: dict) -> int:

@@ -217,6 +217,25 @@ def test_cli_self_critical_bad_input_is_one_line(tmp_path, capsys):
     assert "--meteor-weight must not be negative" in err[-1]
 
 
+def test_cli_self_critical_reads_the_store_its_run_was_trained_on(tiny_run, tiny_store, tiny_flickr, tmp_path):
+    # Without --features the stage reads the run's own store (here not the default lite0 store, absent in CI),
+    # and falls back to the default store when the recorded one is gone.
+    import shutil
+
+    import train
+
+    out = tmp_path / "scst_cli"
+    argv = ["--self-critical", str(tiny_run), "--data", str(tiny_flickr), "--epochs", "1", "--samples", "2"]
+    assert train.main([*argv, "--batch-images", "4", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["features"] == str(tiny_store)
+    moved = tmp_path / "moved_run"
+    shutil.copytree(tiny_run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "features": str(tmp_path / "gone.pkl")}))
+    assert train.trained_features(moved) == train.DEFAULT_FEATURES
+    assert train.trained_features(tiny_run) == tiny_store
+
+
 def test_attention_run_fine_tunes_on_its_spatial_maps(tiny_attention_run, tiny_spatial_store, tiny_flickr, tmp_path):
     from models.rundir import load_run
 
