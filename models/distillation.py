@@ -294,20 +294,19 @@ class DistillationResult:
 def check_distillation_start(run: RunDir, resume: bool, level: str = "sequence") -> None:
     """Refuse a fresh start over a run that has begun (a teacher pass or training), a resume of none, and
     a resume at the other `level` ("sequence" or "word") than the run's."""
-    sequence, word = TeacherCaptions(run).exists(), TeacherSoftTargets(run).exists()
-    begun = sequence or word or run.file(STATE_FILE).is_file()
+    held = {"sequence": TeacherCaptions(run).exists(), "word": TeacherSoftTargets(run).exists()}
+    begun = any(held.values()) or run.file(STATE_FILE).is_file()
     if resume and not begun:
         raise RunDirError(f"{run.path}: nothing to resume (no teacher captions, no training); start without --resume")
     if not resume and begun:
         raise RunDirError(
             f"{run.path} already holds a distillation run; pass --resume to continue it or choose another --out"
         )
-    other = word if level == "sequence" else sequence
-    if other:
-        run_level = "word" if level == "sequence" else "sequence"
-        raise RunDirError(
-            f"{run.path} holds a {run_level}-level distillation run; resume it with --distill-level {run_level}"
-        )
+    for run_level, present in held.items():
+        if present and run_level != level:
+            raise RunDirError(
+                f"{run.path} holds a {run_level}-level distillation run; resume it with --distill-level {run_level}"
+            )
 
 
 def teacher_captions(
